@@ -1,0 +1,247 @@
+"""Reading a pyramid dataset root in shards, from local disk or any fsspec URL.
+
+This is the trainer's view of the data: each worker takes its shards
+(``shards_for_worker``) and reads them at the resolution of its stage. Local shards are
+memory-mapped; remote shards are downloaded once into a content-addressed local cache
+(keyed by the sha256 in the manifest, verified on download) and memory-mapped from there,
+so a rewritten dataset can never be served from a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cfebm.data import layout
+from cfebm.data.errors import DataError
+from cfebm.data.storage import filesystem, is_local, storage_errors
+
+if TYPE_CHECKING:
+    import torch
+
+CACHE_ENV = "CFEBM_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$CFEBM_CACHE_DIR``, else ``$XDG_CACHE_HOME/cfebm/shards`` (``~/.cache`` by default)."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cfebm", "shards")
+
+
+class PyramidStore:
+    """A complete dataset root (format ``cfebm-pyramid/1``) opened for reading.
+
+    ``url`` is a local directory or any fsspec URL; ``storage_options`` go to fsspec.
+    A root without ``manifest.json`` is missing or incomplete and raises DataError.
+    """
+
+    def __init__(
+        self, url: str, storage_options: dict | None = None, *, cache_dir: str | None = None
+    ):
+        self.url = str(url).rstrip("/")
+        self._fs, self._root = filesystem(self.url, storage_options)
+        self._local = is_local(self._fs)
+        self._cache_dir = cache_dir or default_cache_dir()
+        self.manifest = self._load_manifest()
+
+    def _load_manifest(self) -> dict:
+        path = f"{self._root}/{layout.MANIFEST}"
+        try:
+            with storage_errors(self.url, "read the dataset at"), self._fs.open(path, "rb") as f:
+                manifest = json.loads(f.read())
+        except DataError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                raise DataError(
+                    f"no complete dataset at {self.url}: {layout.MANIFEST} is missing (the "
+                    "root does not exist, or the stage that writes it was interrupted; "
+                    "re-run prepare/pyramid)"
+                ) from e
+            raise
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.url}/{layout.MANIFEST} is not valid JSON: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
+            raise DataError(f"{self.url}: expected format {layout.FORMAT!r}, found {found!r}")
+        return manifest
+
+    def __repr__(self) -> str:
+        return f"PyramidStore({self.url!r}, resolutions={self.resolutions})"
+
+    # --- what the manifest says -----------------------------------------------------------
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["channels"])
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Available resolutions, coarsest first."""
+        return [int(r) for r in self.manifest["resolutions"]]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.manifest.get("has_labels"))
+
+    @property
+    def label_names(self) -> list:
+        return self.manifest.get("label_names") or []
+
+    def count(self, split: str) -> int:
+        """Number of images in ``split``."""
+        return int(self._split(split)["count"])
+
+    def num_shards(self, split: str) -> int:
+        return int(self._split(split)["shards"])
+
+    def shard_counts(self, split: str) -> list[int]:
+        """Number of images in each shard of ``split`` (the last one may be smaller)."""
+        return [int(n) for n in self._split(split)["shard_counts"]]
+
+    def dtype(self, resolution: int) -> np.dtype:
+        return np.dtype(self._level(resolution)["dtype"])
+
+    def shard_urls(self, split: str, resolution: int) -> list[str]:
+        """URLs of the image shards of ``split`` at ``resolution``, in shard order."""
+        self._level(resolution)
+        n = self.num_shards(split)
+        return [f"{self.url}/{layout.images_path(split, resolution, k)}" for k in range(n)]
+
+    # --- reading --------------------------------------------------------------------------
+
+    def read_shard(self, split: str, resolution: int, shard: int) -> np.ndarray:
+        """Shard ``shard`` of ``split`` at ``resolution`` as a read-only memory map [n, C, r, r]."""
+        self._level(resolution)
+        self._check_shards(split, [shard])
+        return self._load(layout.images_path(split, resolution, shard))
+
+    def read(self, split: str, resolution: int, shards: list[int] | None = None) -> np.ndarray:
+        """Images [n, C, r, r] of the listed shards (all when None), in shard order.
+
+        The finest level is uint8, coarser levels float32, all in [0, 255]. One shard comes
+        back as a memory map (nothing is read until used); several are concatenated, which
+        copies them into memory.
+        """
+        self._level(resolution)
+        shards = self._check_shards(split, shards)
+        arrays = [self._load(layout.images_path(split, resolution, k)) for k in shards]
+        if len(arrays) == 1:
+            return arrays[0]
+        if not arrays:
+            shape = (0, self.channels, resolution, resolution)
+            return np.empty(shape, dtype=self.dtype(resolution))
+        return np.concatenate(arrays)
+
+    def labels(self, split: str, shards: list[int] | None = None) -> np.ndarray:
+        """int64 labels [n] or [n, L] of the listed shards (all when None), in shard order."""
+        if not self.has_labels:
+            raise DataError(f"the dataset at {self.url} has no labels")
+        shards = self._check_shards(split, shards)
+        arrays = [np.asarray(self._load(layout.labels_path(split, k))) for k in shards]
+        if not arrays:
+            return np.empty((0,), dtype=np.int64)
+        return np.concatenate(arrays)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _split(self, split: str) -> dict:
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise DataError(f"{self.url} has no split {split!r}; it has {sorted(splits)}")
+        return splits[split]
+
+    def _level(self, resolution: int) -> dict:
+        levels = self.manifest["levels"]
+        if str(resolution) not in levels:
+            raise DataError(
+                f"{self.url} has no resolution {resolution!r}; it has {self.resolutions}"
+            )
+        return levels[str(resolution)]
+
+    def _check_shards(self, split: str, shards: list[int] | None) -> list[int]:
+        n = self.num_shards(split)
+        if shards is None:
+            return list(range(n))
+        shards = [int(k) for k in shards]
+        bad = [k for k in shards if not 0 <= k < n]
+        if bad:
+            raise DataError(f"{self.url}: split {split!r} has shards 0..{n - 1}, asked for {bad}")
+        return shards
+
+    def _load(self, relpath: str) -> np.ndarray:
+        if self._local:
+            path = f"{self._root}/{relpath}"
+            with storage_errors(f"{self.url}/{relpath}", "read"):
+                return np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(self._cached(relpath), mmap_mode="r", allow_pickle=False)
+
+    def _cached(self, relpath: str) -> str:
+        """Local path of a verified copy of remote file ``relpath`` (downloaded once)."""
+        sha = self.manifest["files"].get(relpath)
+        if sha is None:
+            raise DataError(f"{self.url}/{layout.MANIFEST} does not list {relpath}")
+        local = os.path.join(self._cache_dir, sha[:2], f"{sha}.npy")
+        if os.path.exists(local):
+            return local
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        url = f"{self.url}/{relpath}"
+        try:
+            with storage_errors(url, "read"):
+                self._fs.get_file(f"{self._root}/{relpath}", tmp)
+            if _sha256_file(tmp) != sha:
+                raise DataError(
+                    f"{url} does not match its checksum in the manifest (corrupt object, or "
+                    "the dataset was rewritten while being read)"
+                )
+            os.replace(tmp, local)  # atomic: concurrent workers may download the same shard
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return local
+
+
+def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shards_for_worker(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shard indices of worker ``rank`` of ``world_size``: round robin, ``rank::world_size``.
+
+    Raises DataError when a worker would get no shard (fewer shards than workers): write the
+    dataset with a smaller ``prepare.shard_size`` or use fewer workers.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+    if num_shards < world_size:
+        raise DataError(
+            f"{num_shards} shard(s) for {world_size} workers: worker(s) "
+            f"{num_shards}..{world_size - 1} would get no data; lower prepare.shard_size "
+            "or use fewer workers"
+        )
+    return list(range(rank, num_shards, world_size))
+
+
+def to_unit_range(array: np.ndarray) -> torch.Tensor:
+    """float32 tensor in [-1, 1] from images in the [0, 255] scale: ``x / 127.5 - 1``.
+
+    Always a copy, so read-only memory maps are safe to pass.
+    """
+    import torch  # here, not at module level: the data stages never need torch
+
+    x = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+    return x.div_(127.5).sub_(1.0)

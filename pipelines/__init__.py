@@ -1,0 +1,1 @@
+"""DVC stage entry points: thin CLIs that read params.yaml, call cfebm, and do the I/O."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: a local S3 (moto) for every test that needs object storage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL.
+
+    Real s3fs / botocore / DVC talk to it over HTTP, nothing is patched. Use ``s3_env``
+    to point the AWS environment variables at it.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """AWS environment for the moto server (also inherited by subprocesses) and a new bucket.
+
+    Yields ``s3://<bucket>``. Credential files and the EC2 metadata lookup are switched
+    off, so botocore sees exactly these variables and nothing from the machine.
+    """
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": os.path.join(os.sep, "nonexistent", "credentials"),
+        "AWS_CONFIG_FILE": os.path.join(os.sep, "nonexistent", "config"),
+        **S3_CREDENTIALS,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances cache the environment they saw
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    yield f"s3://{bucket}"
+    s3fs.S3FileSystem.clear_instance_cache()

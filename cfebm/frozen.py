@@ -1,0 +1,224 @@
+"""A frozen, fused copy of one stage's energy, for Langevin sampling.
+
+During a chain the weights do not change, so everything that depends only on them is
+computed once here instead of on every step (DESIGN.md, "Performance notes"):
+
+* spectral norm and equalised-lr scaling are applied once (no power iteration);
+* the linear 1x1 ``from_image`` conv followed by the block's first 3x3 conv is one 3x3
+  conv on the raw image channels, plus a constant map from the 1x1 bias (which the zero
+  padding of the 3x3 conv sees only inside the image: a border term);
+* the residual 1x1 conv commutes with average pooling, so it runs at a quarter of the
+  positions, and composes with ``from_image`` into one 1x1 conv;
+* a 3x3 conv followed by 2x2 average pooling is one 4x4 stride-2 conv.
+
+Nothing here requires parameter gradients or keeps a graph beyond one energy call, and no
+DDP wrapper is involved, so no gradient hooks fire during sampling. The function is the
+same as :meth:`EnergyNet.forward` in eval mode (up to float rounding); tests and
+``make bench`` check that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layers import EqConv2d, Swish
+from .model import Block, EnergyNet, _res_key
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _conv_pool_kernel(w: torch.Tensor) -> torch.Tensor:
+    """3x3 kernel [O, I, 3, 3] -> 4x4 kernel of conv3x3 (pad 1) followed by avgpool 2x2.
+
+    conv(x, W4, stride=2, padding=1)[i, j] = mean over the 2x2 window of conv(x, W, pad=1).
+    """
+    o, i, _, _ = w.shape
+    w4 = w.new_zeros(o, i, 4, 4)
+    for da in (0, 1):
+        for db in (0, 1):
+            w4[:, :, da : da + 3, db : db + 3] += w
+    return w4 * 0.25
+
+
+def _weights(conv: EqConv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = conv.effective_weight(update=False).detach()
+    b = None if conv.bias is None else conv.bias.detach()
+    return w, b
+
+
+class _FusedBlock:
+    """A :class:`Block` with conv2+pool as one strided conv and pool-then-1x1 skip.
+
+    If ``input_conv`` is given, the block reads raw images and that linear 1x1 conv is
+    folded into conv1 and the skip.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        act: _Act,
+        input_conv: EqConv2d | None,
+        resolution: int,
+        dtype: torch.dtype,
+        channels_last: bool,
+    ):
+        w1, b1 = _weights(block.conv1)  # [C, C, 3, 3]
+        w2, b2 = _weights(block.conv2)  # [O, C, 3, 3]
+        ws, _ = _weights(block.skip)  # [O, C, 1, 1]
+        self.border = None
+        self.skip_bias = None
+        if input_conv is not None:
+            wi, bi = _weights(input_conv)  # [C, C_img, 1, 1], [C]
+            wi2 = wi[:, :, 0, 0]
+            # 3x3 conv of (Wi x + bi) = (W1 * Wi) x + conv(bi map) with zero padding.
+            bias_map = bi.view(1, -1, 1, 1).expand(1, -1, resolution, resolution)
+            self.border = (F.conv2d(bias_map, w1, b1, padding=1)).to(dtype)  # [1, C, r, r]
+            w1 = torch.einsum("ockl,ci->oikl", w1, wi2)
+            b1 = None
+            self.skip_bias = (ws[:, :, 0, 0] @ bi).to(dtype)  # [O]
+            ws = torch.einsum("oc,ci->oi", ws[:, :, 0, 0], wi2)[:, :, None, None]
+        # The activation's output scale folds into the next linear map: conv2 here, and
+        # the 1/sqrt(2) of the residual sum folds into the skip conv.
+        self.w1 = _prep(w1, dtype, channels_last)
+        self.b1 = None if b1 is None else b1.to(dtype)
+        self.w2 = _prep(_conv_pool_kernel(w2) * act.scale, dtype, channels_last)
+        self.b2 = b2.to(dtype)
+        self.ws = _prep(ws * _INV_SQRT2, dtype, channels_last)
+        if self.skip_bias is not None:
+            self.skip_bias = self.skip_bias * _INV_SQRT2
+        self.out_scale = act.scale * _INV_SQRT2
+        self.act = act.fn
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(h, self.w1, self.b1, padding=1)
+        if self.border is not None:
+            y = y + self.border
+        y = self.act(y)
+        y = self.act(F.conv2d(y, self.w2, self.b2, stride=2, padding=1))
+        s = F.conv2d(F.avg_pool2d(h, 2), self.ws, self.skip_bias)
+        return torch.add(s, y, alpha=self.out_scale)
+
+
+class _FusedHead:
+    def __init__(
+        self,
+        model: EnergyNet,
+        act: _Act,
+        input_conv: EqConv2d | None,
+        dtype: torch.dtype,
+        channels_last: bool,
+    ):
+        head = model.head
+        w1, b1 = _weights(head.conv1)
+        self.border = None
+        if input_conv is not None:  # stage 0 at 4x4: from_image feeds the head directly
+            wi, bi = _weights(input_conv)
+            bias_map = bi.view(1, -1, 1, 1).expand(1, -1, 4, 4)
+            self.border = F.conv2d(bias_map, w1, b1, padding=1).to(dtype)
+            w1 = torch.einsum("ockl,ci->oikl", w1, wi[:, :, 0, 0])
+            b1 = None
+        self.w1 = _prep(w1, dtype, channels_last)
+        self.b1 = None if b1 is None else b1.to(dtype)
+        w2, b2 = _weights(head.conv2)
+        self.w2, self.b2 = _prep(w2 * act.scale, dtype, channels_last), b2.to(dtype)
+        wl, bl = head.linear.effective_weight(update=False).detach(), head.linear.bias.detach()
+        self.wl, self.bl = (wl * act.scale).to(dtype), bl.to(dtype)
+        self.act = act.fn
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(h, self.w1, self.b1, padding=1)
+        if self.border is not None:
+            h = h + self.border
+        h = self.act(h)
+        h = self.act(F.conv2d(h, self.w2, self.b2))
+        return F.linear(h.flatten(1), self.wl, self.bl).squeeze(1)
+
+
+class _Act:
+    """The activation as fn(x) * scale; Swish's 1/1.1 becomes a weight scale."""
+
+    def __init__(self, module: torch.nn.Module):
+        if isinstance(module, Swish):
+            self.fn, self.scale = F.silu, 1.0 / 1.1
+        else:
+            self.fn, self.scale = module, 1.0
+
+
+def _prep(w: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    w = w.to(dtype)
+    return w.contiguous(memory_format=torch.channels_last) if channels_last else w
+
+
+class FrozenEnergy:
+    """E_t(x) of ``model`` at ``stage`` (with fade ``beta``), weights fixed at creation.
+
+    Call it on x [B, C, r_t, r_t]; it returns energies [B] in float32 whatever ``dtype``
+    it computes in (``torch.bfloat16`` runs the convs in reduced precision).
+    ``channels_last`` (NHWC activations) makes the oneDNN convs faster on CPU.
+    """
+
+    def __init__(
+        self,
+        model: EnergyNet,
+        stage: int | None = None,
+        beta: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+    ):
+        t = model.stage if stage is None else stage
+        if not 0 <= t <= model.stage:
+            raise ValueError(f"stage {t} not grown (model is at stage {model.stage})")
+        self.stage, self.dtype, self.channels_last = t, dtype, channels_last
+        self.resolution = r = model.resolution(t)
+        self.beta = 1.0 if t == 0 else float(beta)
+        act = _Act(model.head.act)
+        cl = channels_last
+        with torch.no_grad():
+            fi = model.from_image[_res_key(r)]
+            self.fade = None
+            if r == 4:  # stage 0 at 4x4: no block, from_image folds into the head
+                self.first = None
+                self.trunk = []
+                self.head = _FusedHead(model, act, fi, dtype, cl)
+                return
+            self.first = _FusedBlock(model.blocks[_res_key(r)], act, fi, r, dtype, cl)
+            if t > 0 and self.beta < 1.0:
+                wf, bf = _weights(model.from_image[_res_key(r // 2)])
+                self.fade = (_prep(wf, dtype, cl), bf.to(dtype))
+            rr, self.trunk = r // 2, []
+            while rr > 4:
+                blk = model.blocks[_res_key(rr)]
+                self.trunk.append(_FusedBlock(blk, act, None, rr, dtype, cl))
+                rr //= 2
+            self.head = _FusedHead(model, act, None, dtype, cl)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.first is None:
+            return self.head(x).float()
+        h = self.first(x)
+        if self.fade is not None:
+            fade = F.conv2d(F.avg_pool2d(x, 2), *self.fade)
+            h = self.beta * h + (1.0 - self.beta) * fade
+        for block in self.trunk:
+            h = block(h)
+        return self.head(h).float()
+
+
+def stage_energies(
+    model: EnergyNet,
+    stage: int | None = None,
+    beta: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    first_stage: int = 0,
+) -> list[FrozenEnergy]:
+    """Frozen energies E_{first}, ..., E_s for a coarse-to-fine chain; the last uses ``beta``."""
+    s = model.stage if stage is None else stage
+    return [
+        FrozenEnergy(model, t, beta if t == s else 1.0, dtype) for t in range(first_stage, s + 1)
+    ]

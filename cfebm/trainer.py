@@ -185,7 +185,9 @@ class Trainer:
 
     ``data`` maps each stage resolution to its images [N, C, r, r] in the [0, 255] scale
     (uint8 or float32, as the pyramid stores them). ``world_size`` counts images for beta
-    when the same trainer runs on several data-parallel workers.
+    when the same trainer runs on several data-parallel workers; ``wrap_model`` (e.g.
+    DDP) wraps the network for the loss forward and is re-applied after every growth,
+    while sampling always uses the unwrapped ``model``.
     """
 
     def __init__(
@@ -197,9 +199,11 @@ class Trainer:
         model: EnergyNet | None = None,
         world_size: int = 1,
         rank: int = 0,
+        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ):
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
         self.world_size = world_size
+        self.wrap_model = wrap_model
         torch.manual_seed(cfg.train.seed + 1000 * rank)
         self.model = model if model is not None else EnergyNet(cfg.model)
         self.model.to(self.device).train()
@@ -226,6 +230,7 @@ class Trainer:
         r = self.resolution
         if r not in self.data:
             raise ValueError(f"no training images at resolution {r} (have {sorted(self.data)})")
+        self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
         self.optimizer = make_optimizer(self.model, self.cfg.train, r)
         self.batches = EpochBatches(self.data[r], self.cfg.train.batch_for(r), self.data_gen)
 
@@ -239,7 +244,13 @@ class Trainer:
     def step(self) -> StepResult:
         x = prepare_batch(self.batches.next(), self.cfg.train, self.data_gen).to(self.device)
         result = train_step(
-            self.model, self.optimizer, x, self.cfg, beta=self.beta, generator=self.sample_gen
+            self.train_model,
+            self.optimizer,
+            x,
+            self.cfg,
+            beta=self.beta,
+            generator=self.sample_gen,
+            base_model=self.model,
         )
         if result.diverged is None:
             seen = result.images * self.world_size
@@ -247,6 +258,16 @@ class Trainer:
             self.state.total_images += seen
             self.state.step += 1
         return result
+
+    def after_rollback(self, lr_factor: float = 1.0, seed_offset: int = 0) -> None:
+        """Change course after restoring a checkpoint that preceded a divergence: scale the
+        learning rate and/or re-seed the Langevin noise, so the same steps are not replayed.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_factor
+        if seed_offset:
+            seed = int(torch.randint(2**62, (1,), generator=self.data_gen)) + seed_offset
+            self.sample_gen.manual_seed(seed)
 
     def fit(
         self,

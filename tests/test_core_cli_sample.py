@@ -1,0 +1,72 @@
+"""`python -m pipelines.sample` as a user runs it: a subprocess on a real checkpoint."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfebm.checkpoint import save_checkpoint
+from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig
+from cfebm.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = CFEBMConfig(
+        model=ModelConfig(channels=3, resolutions=(4, 8), base_width=4),
+        sampler=SamplerConfig(steps=2),
+        train=TrainConfig(batch_size={4: 4}, fade_images=4, stable_images=4),
+    )
+    x8 = torch.rand(8, 3, 8, 8) * 255
+    trainer = Trainer(cfg, {8: x8, 4: torch.nn.functional.avg_pool2d(x8, 2)})
+    trainer.fit()
+    url = str(tmp_path_factory.mktemp("model") / "model.pt")
+    save_checkpoint(trainer.state_dict(), url)
+    return url
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.sample", *args], capture_output=True, text=True
+    )
+
+
+def test_writes_uint8_nchw_npy_of_finest_and_coarser_stage(checkpoint, tmp_path):
+    out = tmp_path / "s.npy"
+    r = run("--model", checkpoint, "--num", "5", "--batch", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    a = np.load(out)
+    assert a.shape == (5, 3, 8, 8) and a.dtype == np.uint8
+    r = run("--model", checkpoint, "--num", "3", "--stage", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert np.load(out).shape == (3, 3, 4, 4)
+
+
+def test_same_seed_same_samples(checkpoint, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    for f in (a, b):
+        assert (
+            run("--model", checkpoint, "--num", "4", "--seed", "5", "--out", str(f)).returncode == 0
+        )
+    assert np.array_equal(np.load(a), np.load(b))
+
+
+def test_png_grid(checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    r = run("--model", checkpoint, "--num", "4", "--out", str(out), "--scale", "2")
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.size == (2 * (2 * 9 + 1), 2 * (2 * 9 + 1))  # 2x2 grid of 8px + 1px padding
+
+
+def test_bad_inputs_are_clear_errors(checkpoint, tmp_path):
+    r = run("--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.npy"))
+    assert r.returncode == 2 and "nope.pt" in r.stderr
+    r = run("--model", checkpoint, "--stage", "5", "--out", str(tmp_path / "x.npy"))
+    assert r.returncode == 2 and "--stage 5" in r.stderr
+    r = run("--model", checkpoint, "--num", "0", "--out", str(tmp_path / "x.npy"))
+    assert r.returncode == 2 and "--num" in r.stderr
+    assert not (tmp_path / "x.npy").exists()

@@ -82,6 +82,7 @@ def train_step(
     beta: float,
     generator: torch.Generator | None,
     base_model: EnergyNet | None = None,
+    x_init: torch.Tensor | None = None,
 ) -> StepResult:
     """One maximum-likelihood step at the model's current stage.
 
@@ -89,11 +90,13 @@ def train_step(
     <= s (of ``base_model``, the unwrapped network, so no DDP hook fires while sampling);
     the loss forward goes through ``model`` (DDP-wrapped or not). A diverged step (NaN,
     inf, or magnitudes above the threshold, averaged over workers) is not stepped.
+    ``x_init`` starts the chains from given images (e.g. the source domain, for one-sided
+    translation, paper Sec. 3.4) instead of uniform noise.
     """
     base = base_model if base_model is not None else model
     device = x_data.device
     n = x_data.shape[0]
-    x_sample = sample(base, n, cfg.sampler, beta=beta, generator=generator)
+    x_sample = sample(base, n, cfg.sampler, beta=beta, generator=generator, x_init=x_init)
     energies = model(torch.cat([x_data, x_sample]), beta=beta)  # [2B]
     e_data, e_sample = energies[:n], energies[n:]
     loss = contrastive_loss(e_data, e_sample, cfg.train.energy_penalty)
@@ -187,7 +190,10 @@ class Trainer:
     (uint8 or float32, as the pyramid stores them). ``world_size`` counts images for beta
     when the same trainer runs on several data-parallel workers; ``wrap_model`` (e.g.
     DDP) wraps the network for the loss forward and is re-applied after every growth,
-    while sampling always uses the unwrapped ``model``.
+    while sampling always uses the unwrapped ``model``. With ``source`` (images per
+    resolution, like ``data``) the negative chains start from source images at the stage's
+    resolution instead of noise: the model learns the data domain while its short-run
+    chain becomes a translator from the source domain (paper Sec. 3.4).
     """
 
     def __init__(
@@ -200,8 +206,10 @@ class Trainer:
         world_size: int = 1,
         rank: int = 0,
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        source: Mapping[int, torch.Tensor] | None = None,
     ):
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
+        self.source = source
         self.world_size = world_size
         self.wrap_model = wrap_model
         torch.manual_seed(cfg.train.seed + 1000 * rank)
@@ -232,7 +240,13 @@ class Trainer:
             raise ValueError(f"no training images at resolution {r} (have {sorted(self.data)})")
         self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
         self.optimizer = make_optimizer(self.model, self.cfg.train, r)
-        self.batches = EpochBatches(self.data[r], self.cfg.train.batch_for(r), self.data_gen)
+        batch = self.cfg.train.batch_for(r)
+        self.batches = EpochBatches(self.data[r], batch, self.data_gen)
+        self.source_batches = None
+        if self.source is not None:
+            if r not in self.source:
+                raise ValueError(f"no source images at resolution {r} (have {sorted(self.source)})")
+            self.source_batches = EpochBatches(self.source[r], batch, self.data_gen)
 
     def advance_stage(self) -> None:
         """Grow into the next stage (warm start) with a fresh optimizer at its lr."""
@@ -243,6 +257,9 @@ class Trainer:
 
     def step(self) -> StepResult:
         x = prepare_batch(self.batches.next(), self.cfg.train, self.data_gen).to(self.device)
+        x_init = None
+        if self.source_batches is not None:
+            x_init = self.source_batches.next().float().to(self.device) / 127.5 - 1.0
         result = train_step(
             self.train_model,
             self.optimizer,
@@ -251,6 +268,7 @@ class Trainer:
             beta=self.beta,
             generator=self.sample_gen,
             base_model=self.model,
+            x_init=x_init,
         )
         if result.diverged is None:
             seen = result.images * self.world_size
@@ -305,6 +323,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": asdict(self.state),
             "batches": self.batches.state_dict(),
+            "source_batches": self.source_batches.state_dict() if self.source_batches else None,
             "rng": {
                 "global": rng_state(),
                 "data": self.data_gen.get_state(),
@@ -322,6 +341,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.batches.load_state_dict(ckpt["batches"])
+        if self.source_batches is not None and ckpt.get("source_batches"):
+            self.source_batches.load_state_dict(ckpt["source_batches"])
         set_rng_state(ckpt["rng"]["global"])
         self.data_gen.set_state(ckpt["rng"]["data"])
         self.sample_gen.set_state(ckpt["rng"]["sample"])

@@ -169,3 +169,21 @@ def test_train_config_validation_and_lookup():
 def test_missing_resolution_is_a_clear_error():
     with pytest.raises(ValueError, match="no training images at resolution 4"):
         Trainer(tiny_cfg(), {16: torch.zeros(4, 1, 16, 16)})
+
+
+def test_source_initialised_chains_translate_toward_the_data():
+    # Source domain: dark flat images; target domain: bright flat images. The chains of
+    # a trained translator start at the source images and end nearer the target.
+    src = torch.full((64, 1, 4, 4), 40.0)
+    tgt = torch.full((64, 1, 4, 4), 215.0)
+    cfg = CFEBMConfig(
+        model=ModelConfig(channels=1, resolutions=(4,), base_width=8),
+        sampler=SamplerConfig(steps=10, step_size=0.5, noise_start=0.005),
+        train=TrainConfig(batch_size={4: 32}, lr={4: 5e-3}, stable_images=32 * 60, seed=0),
+    )
+    trainer = Trainer(cfg, {4: tgt}, source={4: src})
+    trainer.fit()
+    x0 = src[:16] / 127.5 - 1
+    out = sample(trainer.model, 16, cfg.sampler, x_init=x0, generator=torch.Generator())
+    assert out.mean() > x0.mean() + 0.3
+    assert trainer.state_dict()["source_batches"] is not None

@@ -43,6 +43,26 @@ def _conv_pool_kernel(w: torch.Tensor) -> torch.Tensor:
     return w4 * 0.25
 
 
+def _fold_input_conv(
+    w: torch.Tensor, b: torch.Tensor | None, input_conv: EqConv2d, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 conv (w, b) reading the output of the linear 1x1 ``input_conv`` -> one 3x3
+    conv on the raw image channels plus a constant map [1, O, r, r].
+
+    conv3x3(Wi x + bi) = (W * Wi) x + conv3x3(bi), where the zero padding sees the bias
+    map only inside the image: the constant differs at the border.
+    """
+    wi, bi = _weights(input_conv)  # [C, C_img, 1, 1], [C]
+    bias_map = bi.view(1, -1, 1, 1).expand(1, -1, resolution, resolution)
+    border = F.conv2d(bias_map, w, b, padding=1)  # [1, O, r, r]
+    return torch.einsum("ockl,ci->oikl", w, wi[:, :, 0, 0]), border
+
+
+def _conv3x3(h, w, b, border):
+    y = F.conv2d(h, w, b, padding=1)
+    return y if border is None else y + border
+
+
 def _weights(conv: EqConv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = conv.effective_weight(update=False).detach()
     b = None if conv.bias is None else conv.bias.detach()
@@ -71,15 +91,12 @@ class _FusedBlock:
         self.border = None
         self.skip_bias = None
         if input_conv is not None:
-            wi, bi = _weights(input_conv)  # [C, C_img, 1, 1], [C]
-            wi2 = wi[:, :, 0, 0]
-            # 3x3 conv of (Wi x + bi) = (W1 * Wi) x + conv(bi map) with zero padding.
-            bias_map = bi.view(1, -1, 1, 1).expand(1, -1, resolution, resolution)
-            self.border = (F.conv2d(bias_map, w1, b1, padding=1)).to(dtype)  # [1, C, r, r]
-            w1 = torch.einsum("ockl,ci->oikl", w1, wi2)
-            b1 = None
+            w1, border = _fold_input_conv(w1, b1, input_conv, resolution)
+            self.border, b1 = border.to(dtype), None
+            # the skip 1x1 conv composes with the input 1x1 conv into one 1x1 conv
+            wi, bi = _weights(input_conv)
             self.skip_bias = (ws[:, :, 0, 0] @ bi).to(dtype)  # [O]
-            ws = torch.einsum("oc,ci->oi", ws[:, :, 0, 0], wi2)[:, :, None, None]
+            ws = torch.einsum("oc,ci->oi", ws[:, :, 0, 0], wi[:, :, 0, 0])[:, :, None, None]
         # The activation's output scale folds into the next linear map: conv2 here, and
         # the 1/sqrt(2) of the residual sum folds into the skip conv.
         self.w1 = _prep(w1, dtype, channels_last)
@@ -93,10 +110,7 @@ class _FusedBlock:
         self.act = act.fn
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(h, self.w1, self.b1, padding=1)
-        if self.border is not None:
-            y = y + self.border
-        y = self.act(y)
+        y = self.act(_conv3x3(h, self.w1, self.b1, self.border))
         y = self.act(F.conv2d(y, self.w2, self.b2, stride=2, padding=1))
         s = F.conv2d(F.avg_pool2d(h, 2), self.ws, self.skip_bias)
         return torch.add(s, y, alpha=self.out_scale)
@@ -115,11 +129,8 @@ class _FusedHead:
         w1, b1 = _weights(head.conv1)
         self.border = None
         if input_conv is not None:  # stage 0 at 4x4: from_image feeds the head directly
-            wi, bi = _weights(input_conv)
-            bias_map = bi.view(1, -1, 1, 1).expand(1, -1, 4, 4)
-            self.border = F.conv2d(bias_map, w1, b1, padding=1).to(dtype)
-            w1 = torch.einsum("ockl,ci->oikl", w1, wi[:, :, 0, 0])
-            b1 = None
+            w1, border = _fold_input_conv(w1, b1, input_conv, 4)
+            self.border, b1 = border.to(dtype), None
         self.w1 = _prep(w1, dtype, channels_last)
         self.b1 = None if b1 is None else b1.to(dtype)
         w2, b2 = _weights(head.conv2)
@@ -129,10 +140,7 @@ class _FusedHead:
         self.act = act.fn
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        h = F.conv2d(h, self.w1, self.b1, padding=1)
-        if self.border is not None:
-            h = h + self.border
-        h = self.act(h)
+        h = self.act(_conv3x3(h, self.w1, self.b1, self.border))
         h = self.act(F.conv2d(h, self.w2, self.b2))
         return F.linear(h.flatten(1), self.wl, self.bl).squeeze(1)
 

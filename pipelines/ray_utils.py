@@ -1,0 +1,185 @@
+"""Ray plumbing for the training stages: join or start Ray, check where data and
+checkpoints live, and what the workers inherit.
+
+Multi-node rule: every path a worker reads or writes must be visible on every node. Local
+paths only are on one machine, so on a cluster of several nodes a local checkpoint storage
+is refused (checkpoints written on another node would be lost), unless
+``train.ray.shared_filesystem`` declares the path shared (NFS). A local dataset is
+copied once into the (remote) run storage instead, where every node can read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from cfebm.data import layout
+from cfebm.data.storage import filesystem, is_local
+
+log = logging.getLogger(__name__)
+
+# Environment that workers on other nodes need (credentials and endpoints of the object
+# store and the tracking server, cache folders, allocator settings).
+ENV_PREFIXES = ("AWS_", "MLFLOW_TRACKING_", "CFEBM_")
+ENV_NAMES = ("GLIBC_TUNABLES", "TORCHINDUCTOR_CACHE_DIR")
+
+
+class ClusterStorageError(ValueError):
+    """A path that the workers of a multi-node cluster cannot all reach."""
+
+
+def url_is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (workers run in another folder); URLs unchanged."""
+    if url_is_local(url):
+        return os.path.abspath(str(url).removeprefix("file://"))
+    return str(url)
+
+
+def connect(address: str | None = None, local_cpus: int | None = None) -> str:
+    """Join the Ray cluster at ``address`` or ``RAY_ADDRESS``; else start a local Ray.
+
+    Returns a line saying which. A local Ray is private to this process (``address=
+    "local"``), so it never joins another user's cluster on a shared machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "using the Ray already initialised in this process"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"joined the Ray cluster at {address}"
+    # Ray's own helper actors find "their" cluster through RAY_ADDRESS (else by scanning
+    # the machine, which fails when other users run Ray on it too): fix the GCS port of
+    # the new local Ray and export its address before its processes start.
+    port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    ray.init(
+        address="local",
+        num_cpus=local_cpus,
+        include_dashboard=True,  # Ray Train's helper actors query the state API through it
+        dashboard_port=free_port(),
+        log_to_driver=True,
+    )
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return f"started a local Ray with {cpus} CPU(s) (set RAY_ADDRESS to use a cluster)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_paths(nodes: int, paths: dict[str, str], shared_filesystem: bool) -> None:
+    """Refuse local ``paths`` (name -> URL) when the cluster has several nodes."""
+    if nodes <= 1 or shared_filesystem:
+        return
+    local = {name: url for name, url in paths.items() if url_is_local(url)}
+    if local:
+        listed = ", ".join(f"{name} = {url}" for name, url in local.items())
+        raise ClusterStorageError(
+            f"the Ray cluster has {nodes} nodes but {listed} is a local path: workers on "
+            "other nodes would write checkpoints where no one finds them again. Use shared "
+            "storage (e.g. train.ray.storage: s3://bucket/cfebm-runs), or set "
+            "train.ray.shared_filesystem: true if this path is on a filesystem that every "
+            "node mounts (NFS)."
+        )
+
+
+def ray_storage(url: str, storage_options: dict | None = None) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``.
+
+    Local folders are passed as absolute paths; any other fsspec URL goes through fsspec
+    (``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``), so s3:// honours the same
+    ``AWS_*`` variables and ``storage_options`` as the rest of cfebm.
+    """
+    if url_is_local(url):
+        path = absolute(url)
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    import pyarrow.fs
+
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([str(url).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables passed to the workers (they may start on nodes that lack them)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def dataset_key(data_url: str, storage_options: dict | None = None) -> str:
+    """Content key of a pyramid root: the hash of its manifest (which lists file sha256s)."""
+    fs, root = filesystem(data_url, storage_options)
+    with fs.open(f"{root.rstrip('/')}/{layout.MANIFEST}", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def stage_dataset(
+    data_url: str,
+    storage_url: str,
+    data_options: dict | None = None,
+    storage_options: dict | None = None,
+) -> str:
+    """Copy the local pyramid at ``data_url`` under ``<storage_url>/datasets/<key>``, once.
+
+    Returns the URL that the workers read. The copy is content-addressed by the manifest,
+    written file by file with the manifest last, so a partial copy is never taken for a
+    complete one and a finished copy is reused by every later stage and run.
+    """
+    key = dataset_key(data_url, data_options)[:16]
+    dest = join(storage_url, "datasets", key)
+    src_fs, src_root = filesystem(data_url, data_options)
+    dst_fs, dst_root = filesystem(dest, storage_options)
+    if dst_fs.exists(f"{dst_root}/{layout.MANIFEST}"):
+        return dest
+    with src_fs.open(f"{src_root}/{layout.MANIFEST}", "rb") as f:
+        manifest_bytes = f.read()
+    manifest = json.loads(manifest_bytes)
+    for rel in manifest["files"]:
+        with src_fs.open(f"{src_root}/{rel}", "rb") as f:
+            dst_fs.pipe_file(f"{dst_root}/{rel}", f.read())
+    dst_fs.pipe_file(f"{dst_root}/{layout.MANIFEST}", manifest_bytes)
+    log.info("copied the dataset %s to %s for the cluster's workers", data_url, dest)
+    return dest
+
+
+def dataset_for_workers(
+    data_url: str,
+    storage_url: str,
+    nodes: int,
+    shared_filesystem: bool,
+    data_options: dict | None = None,
+    storage_options: dict | None = None,
+) -> str:
+    """Where the workers read the dataset: ``data_url`` itself unless it is local and the
+    cluster has several nodes, in which case a copy in the (remote) run storage."""
+    if nodes <= 1 or shared_filesystem or not url_is_local(data_url):
+        return absolute(data_url)
+    return stage_dataset(data_url, storage_url, data_options, storage_options)
+
+
+def fs_is_local(url: str, storage_options: dict | None = None) -> bool:
+    return is_local(filesystem(url, storage_options)[0])

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench lint format ui clean
+.PHONY: setup run submit test bench lint format ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# The pipeline as a Ray job on a running cluster (RAY_ADDRESS=http://head:8265, or the local
+# one of infra/local/cluster.sh); SUBMIT_ARGS="-- COMMAND..." runs something else.
+SUBMIT_ARGS ?=
+submit: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH infra/local/submit.sh $(SUBMIT_ARGS)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -39,4 +45,4 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf runs data outputs .pytest_cache
+	rm -rf runs data models outputs .pytest_cache

@@ -1,0 +1,162 @@
+"""Helpers for the training tests: smoke projects, subprocesses, an MLflow server, Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+SMOKE = os.path.join(REPO, "tests", "params_smoke.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("batch_size", "lr"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def smoke_params(**train_changes) -> dict:
+    """params.yaml merged with tests/params_smoke.yaml and then ``train_changes``."""
+    with open(os.path.join(REPO, "params.yaml")) as f:
+        params = yaml.safe_load(f)
+    with open(SMOKE) as f:
+        params = deep_merge(params, yaml.safe_load(f))
+    params["train"] = deep_merge(params["train"], train_changes)
+    return params
+
+
+def make_project(root, params: dict, git: bool = True) -> str:
+    """A copy of the project's code and stage files in ``root``, with ``params``; with
+    ``git`` also a git + DVC repository, as a user's checkout is."""
+    root = str(root)
+    os.makedirs(root, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in ("cfebm", "pipelines"):
+        shutil.copytree(os.path.join(REPO, name), os.path.join(root, name), ignore=ignore)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(os.path.join(REPO, name), os.path.join(root, name))
+    with open(os.path.join(root, "params.yaml"), "w") as f:
+        yaml.safe_dump(params, f, sort_keys=False)
+    if git:
+        run(["git", "init", "-q", "-b", "main"], root)
+        run(["git", "config", "user.email", "tests@cfebm.invalid"], root)
+        run(["git", "config", "user.name", "cfebm tests"], root)
+        run([os.path.join(BIN, "dvc"), "init", "-q"], root)
+        run([os.path.join(BIN, "dvc"), "config", "core.analytics", "false"], root)
+    shutil.copy(os.path.join(REPO, ".dvcignore"), os.path.join(root, ".dvcignore"))
+    return root
+
+
+def env(**extra: str) -> dict:
+    """The environment for subprocesses: the venv first on PATH, the copies' code only."""
+    e = {
+        **os.environ,
+        "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    e.pop("PYTHONPATH", None)
+    e.pop("PYTHONDONTWRITEBYTECODE", None)
+    e.pop("RAY_ADDRESS", None)
+    e.update(extra)
+    return e
+
+
+def run(cmd: list[str], cwd, timeout: float = 300, check: bool = True, **env_extra):
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def start(cmd: list[str], cwd, log_path: str, **env_extra) -> subprocess.Popen:
+    """A background process in its own session (so that it can be killed as a group)."""
+    log = open(log_path, "w")  # noqa: SIM115 - closed by the caller's stop()
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env(**env_extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Kill a process started by :func:`start` and everything it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, proc=None):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite store and served artifacts,
+    in the slim configuration (one worker, no job execution)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1",
+            "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", f"{root}/artifacts",
+        ]  # fmt: skip
+        self.proc = start(
+            cmd, root, os.path.join(root, "server.log"), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+        )
+        wait_for(self._healthy, 120, "the MLflow server", interval=0.5, proc=self.proc)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        kill_group(self.proc, signal.SIGTERM)
+
+
+def ray_tmpdir() -> str:
+    """A short temp folder for Ray (its socket paths must stay under 108 characters)."""
+    return tempfile.mkdtemp(prefix="rt", dir="/tmp")

@@ -1,0 +1,190 @@
+"""`python -m pipelines.features` and `python -m pipelines.evaluate` as DVC runs them:
+subprocesses on a tiny digits pyramid and tiny two-stage checkpoints made here (plus a few
+checks in-process, where a subprocess would only add start-up time)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cfebm.checkpoint import save_checkpoint
+from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig
+from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid, prepare
+from cfebm.features import load_feature_net
+from cfebm.images import grid_png
+from cfebm.trainer import Trainer
+from pipelines.evaluate import EvaluateParams
+from pipelines.evaluate import build_parser as evaluate_parser
+from pipelines.evaluate import main as evaluate_main
+from pipelines.evaluate import run as evaluate_run
+from pipelines.features import build_parser as features_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "cfebm-digits-cnn"
+
+
+def run(module: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A project folder: digits pyramid (8 -> 4), stage 0 and stage 1 checkpoints."""
+    root = tmp_path_factory.mktemp("project")
+    prepare(PrepareConfig(source="digits", out=str(root / "prepared"), resolution=8))
+    build_pyramid(PyramidConfig(input=str(root / "prepared"), out=str(root / "pyr"), coarsest=4))
+    store = PyramidStore(str(root / "pyr"))
+    data = {r: torch.from_numpy(np.array(store.read("train", r))) for r in (4, 8)}
+    cfg = CFEBMConfig(
+        model=ModelConfig(channels=1, resolutions=(4, 8), base_width=4),
+        sampler=SamplerConfig(steps=3),
+        train=TrainConfig(batch_size={4: 16}, fade_images=32, stable_images=32),
+    )
+    trainer = Trainer(cfg, data)
+    trainer.fit(until_stage=0)
+    save_checkpoint(trainer.state_dict(), str(root / "models" / "stage0" / "model.pt"))
+    trainer.fit()
+    save_checkpoint(trainer.state_dict(), str(root / "models" / "stage1" / "model.pt"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def features(workdir):
+    """The features stage CLI: trains the extractor, writes weights + metrics."""
+    r = run(
+        "pipelines.features",
+        "--data", "pyr", "--out", "models/features.pt", "--metrics", "metrics/features.json",
+        "--epochs", "3", "--width", "8", "--feature-dim", "16",
+        cwd=str(workdir),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return workdir / "models" / "features.pt"
+
+
+def test_features_stage_writes_weights_and_accuracy(features, workdir):
+    loaded = load_feature_net(str(features))
+    assert loaded.name == NAME
+    assert loaded.meta["dataset"] == "digits" and loaded.meta["resolution"] == 8
+    assert loaded.meta["channels"] == 1 and loaded.meta["resolutions"] == [4, 8]
+    metrics = json.loads((workdir / "metrics" / "features.json").read_text())
+    assert set(metrics["test_accuracy"]) == {"r8", "r4"}
+    assert metrics["test_accuracy"]["r8"]["class"] > 0.3  # 3 tiny epochs; chance is 0.1
+    assert metrics["test_accuracy"] == loaded.meta["test_accuracy"]
+
+
+def test_evaluate_writes_nested_dvc_metrics_and_grids(features, workdir):
+    params = workdir / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "evaluate": {
+                    "models": ["models/stage0/model.pt", "models/stage1/model.pt"],
+                    "data": "pyr",
+                    "num_samples": 30,
+                    "sample_batch": 16,
+                    "features": "models/features.pt",
+                    "metrics": {"kid_subsets": 5},
+                    "mlflow": {"enabled": True},
+                }
+            }
+        )
+    )
+    r = run(
+        "pipelines.evaluate", "--params", "params.yaml", "--no-mlflow",
+        "--num-reference", "100", "--grid-count", "9",
+        cwd=str(workdir),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    results = json.loads((workdir / "metrics" / "evaluate.json").read_text())
+    assert list(results) == ["stage_0", "stage_1"]
+    assert results["stage_0"]["resolution"] == 4 and results["stage_1"]["resolution"] == 8
+    for stage in results.values():
+        assert stage["num_samples"] == 30 and stage["num_reference"] == 100
+        for m in ("fid", "kid_mean", "kid_std", "precision", "recall", "f_score"):
+            assert np.isfinite(stage[f"{m}_{NAME}"])
+        assert stage[f"fid_{NAME}"] > 0
+    for s in (0, 1):
+        grid = Image.open(workdir / "outputs" / "evaluate" / f"stage_{s}.png")
+        assert grid.size[0] > 3 * 4  # 3 columns of enlarged samples
+
+
+def test_evaluate_same_seed_same_numbers(features, workdir, monkeypatch):
+    """In-process (the library path of the stage): two runs with one seed agree exactly."""
+    monkeypatch.chdir(workdir)
+    outs = []
+    for name in ("a.json", "b.json"):
+        params = EvaluateParams(
+            models=["models/stage1/model.pt"],
+            data="pyr",
+            num_samples=20,
+            features="models/features.pt",
+            metrics={"kid_subsets": 3},
+            out=name,
+            grids="g",
+            mlflow={"enabled": False},
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(len(name) + ord(name[0]))  # the global RNG must not matter
+            outs.append(evaluate_run(params, log=lambda *_: None))
+    assert outs[0] == outs[1]
+    assert json.loads((workdir / "a.json").read_text()) == outs[0]
+
+
+def test_evaluate_inception_without_weights_fails_before_sampling(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    (workdir / "none.yaml").write_text("{}\n")
+    argv = [
+        "--models", "models/stage1/model.pt", "--data", "pyr",
+        "--extractors", "inception-v3-compat", "--inception-weights", "missing/inception.pth",
+        "--no-mlflow", "--out", "never.json", "--params", "none.yaml",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(argv)
+    assert "Inception weights file missing/inception.pth does not exist" in str(e.value)
+    assert not (workdir / "never.json").exists()
+
+
+@pytest.mark.parametrize("parser", [evaluate_parser, features_parser])
+def test_help_explains_every_option(parser):
+    p = parser()
+    for action in p._actions:
+        assert action.help, action.option_strings
+    assert "[" in p.format_help()
+
+
+def test_mlflow_gets_metrics_and_grids(tmp_path, monkeypatch):
+    """log_to_mlflow: a nested ``evaluate`` run with ``stage_<s>/<metric>_<extractor>``
+    metrics, the grids and the metrics JSON; the parent it had to create is ended."""
+    from mlflow import MlflowClient
+
+    from pipelines.evaluate import log_to_mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CFEBM_MLFLOW_PARENT_RUN_ID", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = EvaluateParams(models=["m.pt"], mlflow={"tracking_uri": uri, "experiment": "t"})
+    results = {"stage_0": {"resolution": 4, f"fid_{NAME}": 1.5, f"kid_mean_{NAME}": 0.25}}
+    grid = grid_png(np.zeros((4, 1, 4, 4), dtype=np.uint8))
+    run_id = log_to_mlflow(params, results, {"stage_0": grid})
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics == {
+        "stage_0/resolution": 4.0,
+        f"stage_0/fid_{NAME}": 1.5,
+        f"stage_0/kid_mean_{NAME}": 0.25,
+    }
+    assert run.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    assert files == {"evaluate/stage_0.png", "evaluate/metrics.json"}
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"

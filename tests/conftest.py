@@ -64,3 +64,14 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem().mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# Small data sets and trained smoke models for the uses of the energy (restore, ood,
+# translate): session fixtures defined in tests/fixtures_models.py.
+from fixtures_models import (  # noqa: E402, F401
+    digits_data,
+    digits_model,
+    one_thread,
+    shapes_data,
+    shapes_translator,
+)

@@ -1,0 +1,128 @@
+"""Session fixtures for the uses of the energy: tiny real data sets and trained smoke models.
+
+One digits model (4 -> 8, base width 8) and one shapes a -> b translator (4 -> 8), each
+trained once per session in a few seconds on one thread. Test modules import the
+fixtures they use (``from fixtures_models import ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from cfebm.checkpoint import save_checkpoint
+from cfebm.config import CFEBMConfig, from_dict
+from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid, prepare
+from cfebm.model import EnergyNet
+from cfebm.trainer import Trainer
+from cfebm.translate import train_translator
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch threads, then restore: the machine is shared, and oversubscribed
+    threads make these small convolutions many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def build(root, **prepare_kw) -> str:
+    """prepare + pyramid (down to 4x4) of a built-in source under ``root``; the pyramid root."""
+    prepared, pyramid = str(root / "prepared"), str(root / "pyramid")
+    prepare(PrepareConfig(out=prepared, **prepare_kw))
+    build_pyramid(PyramidConfig(input=prepared, out=pyramid, coarsest=4))
+    return pyramid
+
+
+def levels(url: str, split: str = "train") -> dict[int, torch.Tensor]:
+    store = PyramidStore(url)
+    return {r: torch.from_numpy(np.array(store.read(split, r))) for r in store.resolutions}
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory) -> str:
+    """Digits at 8x8 with its 4x4 level (1,437 train / 360 test images)."""
+    return build(tmp_path_factory.mktemp("digits"), source="digits", resolution=8)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict[str, str]:
+    """Shapes at 8x8, domain a (red-ish objects) and b (blue-ish, same scenes)."""
+    root = tmp_path_factory.mktemp("shapes")
+    kw = dict(source="shapes", resolution=8, num_train=600, num_test=128)
+    return {d: build(root / d, domain=d, **kw) for d in "ab"}
+
+
+def digits_config() -> CFEBMConfig:
+    return from_dict(
+        {
+            "model": {"channels": 1, "resolutions": [4, 8], "base_width": 8},
+            "sampler": {"steps": 10, "step_size": 1.0, "noise_start": 0.015},
+            "train": {
+                "batch_size": {4: 64},
+                "lr": {4: 5e-4},
+                "fade_images": 3200,
+                "stable_images": 6400,
+                "data_noise": 0.03,
+                "seed": 0,
+            },
+        }
+    )
+
+
+@dataclass
+class TrainedModel:
+    model: EnergyNet
+    cfg: CFEBMConfig
+    checkpoint: str
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_data, tmp_path_factory) -> TrainedModel:
+    """The smoke EBM of digits: 250 steps (100 at 4x4, 150 at 8x8), about 10 s."""
+    cfg = digits_config()
+    with torch_threads(1):
+        trainer = Trainer(cfg, levels(digits_data))
+        trainer.fit()
+    url = str(tmp_path_factory.mktemp("digits_model") / "model.pt")
+    save_checkpoint(trainer.state_dict(), url)
+    return TrainedModel(trainer.model.eval(), cfg, url)
+
+
+def translator_config() -> CFEBMConfig:
+    return from_dict(
+        {
+            "model": {"channels": 3, "resolutions": [4, 8], "base_width": 8},
+            "sampler": {"steps": 10, "step_size": 1.0, "noise_start": 0.015},
+            "train": {
+                "batch_size": {4: 32},
+                "lr": {4: 1e-3},
+                "fade_images": 2400,
+                "stable_images": 4800,
+                "seed": 0,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def shapes_translator(shapes_data) -> TrainedModel:
+    """The smoke translator shapes a -> b: 375 steps (150 at 4x4, 225 at 8x8), about 10 s."""
+    cfg = translator_config()
+    with torch_threads(1):
+        trainer = train_translator(cfg, levels(shapes_data["b"]), levels(shapes_data["a"]))
+    return TrainedModel(trainer.model.eval(), cfg, "")

@@ -62,6 +62,9 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     # the new local Ray and export its address before its processes start.
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    # Ray runs its workers at nice 15: on a machine shared with other work the training
+    # would then get a fraction of the CPU that the same loop gets outside Ray.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     ray.init(
         address="local",

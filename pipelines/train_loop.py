@@ -19,6 +19,7 @@ Checkpoint layout (one folder per checkpoint in the run storage, merged from all
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import sys
@@ -70,6 +71,8 @@ class StageJob:
     log_every: int = 1
     sample_every: int = 0
     num_samples: int = 64
+    warmup_steps: int = 0
+    """Steps of an attempt left out of its ``steady_images_per_s`` (benchmarks)."""
     inject_divergence_at_step: int | None = None
     inject_divergence_times: int = 1
 
@@ -265,6 +268,7 @@ class StageLoop:
         self.start_step = t.state.step
         self.start_images = t.state.stage_images
         self.t0 = time.monotonic()
+        self.steady_from = (self.t0, t.state.stage_images) if self.job.warmup_steps == 0 else None
         self._last_progress = self.t0
         self.rate = float("nan")
         if self.resumed_from is not None:
@@ -284,6 +288,8 @@ class StageLoop:
                     return self._finish("diverged")
                 continue
             self.last_result = result
+            if t.state.step - self.start_step == self.job.warmup_steps:
+                self.steady_from = (time.monotonic(), t.state.stage_images)
             self._after_step(result, dt)
             due = t.state.step % self.job.checkpoint_every == 0 and not t.stage_done
             if due and not self._checkpoint() and not self._rollback("non-finite weights"):
@@ -411,6 +417,16 @@ class StageLoop:
             self.logger.metrics(at, {"rollbacks": self.rollbacks, "lr": lr})
         return True
 
+    def _steady_rate(self) -> float | None:
+        """Images/s after the first ``warmup_steps`` steps of this attempt (training steps,
+        rank-0 logging and checkpoints included)."""
+        if self.steady_from is None:
+            return None
+        t_from, images_from = self.steady_from
+        seconds = time.monotonic() - t_from
+        images = self.trainer.state.stage_images - images_from
+        return images / seconds if seconds > 0 and images > 0 else None
+
     def _finish(self, status: str) -> dict:
         t, r = self.trainer, self.last_result
         seconds = time.monotonic() - self.t0
@@ -431,6 +447,7 @@ class StageLoop:
             "steps_this_attempt": t.state.step - self.start_step,
             "seconds_this_attempt": seconds,
             "images_per_s": images / seconds if seconds > 0 and images > 0 else None,
+            "steady_images_per_s": self._steady_rate(),
             "world_size": self.world,
             "last": asdict(r) if r is not None else None,
         }
@@ -447,6 +464,9 @@ def train_loop_per_worker(config: dict) -> dict:
     from pipelines.tracking import RunLogger
 
     job = StageJob(**config)
+    # Ray 2.60 logs every report at INFO through a logger named after its file path, which
+    # LoggingConfig does not reach; this worker's own lines go to stdout, not to logging.
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job.threads)

@@ -157,6 +157,13 @@ class TrainParams:
                 f"train.stages lists {len(self.stages)} stage(s) but train.model.resolutions "
                 f"{list(self.cfebm.model.resolutions)} has {n}: one DVC stage per resolution"
             )
+        for s, item in enumerate(self.stages):
+            after = self.data if s == 0 else self.model_path(s - 1)
+            if item.get("stage") != s or _norm(item.get("after")) != _norm(after):
+                raise ConfigError(
+                    f"train.stages[{s}] is {item}; expected {{stage: {s}, after: {after}}} "
+                    "(stage 0 runs after the pyramid, stage s after stage s-1's model)"
+                )
 
     def model_path(self, stage: int) -> str:
         return os.path.join(self.out, f"stage{stage}", "model.pt")
@@ -174,6 +181,11 @@ class TrainParams:
             d.pop(key)
         d["cfebm"] = to_dict(self.cfebm)
         return d
+
+
+def _norm(path) -> str:
+    path = str(path).rstrip("/")
+    return path if "://" in path else os.path.normpath(path)
 
 
 _NESTED = {

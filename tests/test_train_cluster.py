@@ -35,6 +35,7 @@ from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid
 from cfebm.trainer import Trainer
 
 pytestmark = pytest.mark.slow
+NICENESS = "RAY_worker_niceness"  # Ray's own (lower-case) config variable
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,9 @@ def cluster(aws):
     import ray
     from ray.cluster_utils import Cluster
 
-    names = ("RAY_TMPDIR", "PATH", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+    names = ("RAY_TMPDIR", "PATH", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", NICENESS)
     saved = {k: os.environ.get(k) for k in names}
+    os.environ[NICENESS] = "0"  # as pipelines.ray_utils does for a local Ray
     os.environ["RAY_TMPDIR"] = ray_tmpdir()
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     # The cluster's own processes find it by RAY_ADDRESS, not by scanning the machine.

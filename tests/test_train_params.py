@@ -48,6 +48,7 @@ def test_command_line_overrides_params(tmp_path):
         ({"rollback": {"lr_factor": 2}}, "lr_factor must be in"),
         ({"model": {"resolutions": [4, 8]}}, "train.stages lists 3 stage"),
         ({"colour": 1}, "unknown train option.*colour"),
+        ({"out": "elsewhere"}, r"train.stages\[1\].*after: elsewhere/stage0/model.pt"),
     ],
 )
 def test_bad_settings_name_the_option(change, message):

@@ -4,7 +4,7 @@
 
 Prints one column per pipeline run (newest first) and one row per field: the parameters
 that differ between the runs shown (training, tune, evaluate and the uses of the energy,
-each prefixed by its stage), FID and KID per stage from the ``evaluate`` run, the best
+each prefixed by its stage), FID and KID per stage from the ``evaluate`` run(s), the best
 score of the ``tune`` run, and the training time (the sum of the training stages'
 ``stage_seconds``). ``--format csv`` writes one row per run instead.
 
@@ -126,8 +126,8 @@ def summarize_group(parent, children: list) -> PipelineSummary:
         s.params.update({f"{kind}.{k}": v for k, v in run.data.params.items()})
         if kind == "tune" and "best_score" in run.data.metrics:
             s.tune_best = float(run.data.metrics["best_score"])
-        if kind == "evaluate":
-            s.scores = stage_scores(run.data.metrics)
+        if kind == "evaluate":  # one run per stage (evaluate@s) or one for all stages
+            s.scores.update(stage_scores(run.data.metrics))
     order = {kind: i for i, kind in enumerate(PIPELINE_ORDER)}
     s.stages = sorted(set(s.stages), key=lambda k: (order.get(k, len(order)), k))
     if train:

@@ -37,7 +37,7 @@ def train_params(step_size: float, stage: int) -> dict:
 
 
 def pipeline(runs, step_size, seconds, scores, tune_best, evaluate_apart):
-    """One pipeline run as tune, train@0, train@1 and evaluate record it."""
+    """One pipeline run as tune, train@0, train@1, evaluate@0 and evaluate@1 record it."""
     parent = runs.parent()
     tune_run, _ = runs.stage(
         parent, "tune", "tune-stage0", {"num_samples": "4", "seed": "0"}, {"cfebm.stage": "tune"}
@@ -52,16 +52,17 @@ def pipeline(runs, step_size, seconds, scores, tune_best, evaluate_apart):
         runs.client.log_metric(run_id, "stage_seconds", s)
         runs.end_stage(run_id)
         time.sleep(0.01)
-    if evaluate_apart:  # the last training stage ends the pipeline run first
-        runs.end_pipeline(parent)
-        parent = runs.parent()
-    run_id, _ = runs.stage(
-        parent, "evaluate", "evaluate", {"num_samples": "1000"}, {"cfebm.stage": "evaluate"}
-    )
     for stage, (fid, kid) in enumerate(scores):
+        if evaluate_apart and stage == len(scores) - 1:
+            # The last training stage ended the pipeline run: evaluate@1 gets its own.
+            runs.end_pipeline(parent)
+            parent = runs.parent()
+        params = {"models": f"models/stage{stage}/model.pt", "num_samples": "1000"}
+        run_id, _ = runs.stage(parent, "evaluate", "evaluate", params, {"cfebm.stage": "evaluate"})
         runs.client.log_metric(run_id, f"stage_{stage}/fid_{EXTRACTOR}", fid)
         runs.client.log_metric(run_id, f"stage_{stage}/kid_mean_{EXTRACTOR}", kid)
-    runs.end_stage(run_id)
+        runs.end_stage(run_id)
+        time.sleep(0.01)
     runs.end_pipeline(parent)
     time.sleep(0.02)
 
@@ -97,7 +98,8 @@ def test_table_shows_what_differs_scores_per_stage_and_training_time(store):
     assert rows["kid s0"] == ["0.3", "0.5"] and rows["kid s1"] == ["0.4", "0.6"]
     assert rows["tune best"] == ["0.1", "0.2"]
     assert rows["train time"] == ["1m10s", "0m30s"]
-    # The evaluate run under a parent of its own joins the pipeline run that trained.
+    # The evaluate run under a parent of its own joins the pipeline run that trained, and
+    # the scores of the per-stage evaluate runs are gathered.
     assert rows["stages"] == ["tune, train x2, evaluate"] * 2
     assert f"feature space of {EXTRACTOR}" in text
 

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup run submit test bench lint format ui clean
+.PHONY: setup run submit cluster-up cluster-down test bench lint format ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,14 @@ run: $(STAMP)
 SUBMIT_ARGS ?=
 submit: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH infra/local/submit.sh $(SUBMIT_ARGS)
+
+# A cluster on this machine (127.0.0.1): Ray head + a second Ray node, moto S3, MLflow
+# server (infra/local/cluster.sh; state, logs and the clients' env file in .cluster/).
+cluster-up: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH infra/local/cluster.sh up
+
+cluster-down:
+	PATH=$(CURDIR)/$(BIN):$$PATH infra/local/cluster.sh down
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)

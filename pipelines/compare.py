@@ -107,10 +107,11 @@ def summarize_group(parent, children: list) -> PipelineSummary:
         start_ms=parent.info.start_time or 0,
         status=parent.info.status,
     )
-    train = sorted(
-        (r for r in children if _kind(r) == "train"),
-        key=lambda r: int(r.data.tags["cfebm.stage"]),
-    )
+    latest = {}  # a stage run again in the same pipeline run (dvc repro after a change)
+    for r in children:  # oldest first: the last run of each stage wins
+        if _kind(r) == "train":
+            latest[int(r.data.tags["cfebm.stage"])] = r
+    train = [latest[stage] for stage in sorted(latest)]
     if train:
         s.params.update(
             {f"train.{k}": v for k, v in train[0].data.params.items() if k not in TRAIN_ONLY_KEYS}

@@ -162,7 +162,7 @@ def run_ray(cfg, data_url: str, stage: int, warmup: int, workers: int, gpu: bool
         ),
     )
     summary = trainer.fit().return_value
-    ray.shutdown()
+    ray_utils.disconnect()
     total = time.perf_counter() - t0
     shutil.rmtree(storage, ignore_errors=True)
     return {

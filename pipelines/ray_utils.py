@@ -61,6 +61,7 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     # the machine, which fails when other users run Ray on it too): fix the GCS port of
     # the new local Ray and export its address before its processes start.
     port = free_port()
+    _ENV_SET.update({k: os.environ.get(k) for k in _LOCAL_ENV})
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     # Ray runs its workers at nice 15: on a machine shared with other work the training
     # would then get a fraction of the CPU that the same loop gets outside Ray.
@@ -75,6 +76,23 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     )
     cpus = int(ray.cluster_resources().get("CPU", 0))
     return f"started a local Ray with {cpus} CPU(s) (set RAY_ADDRESS to use a cluster)"
+
+
+_LOCAL_ENV = ("RAY_GCS_SERVER_PORT", "RAY_worker_niceness", "RAY_ADDRESS")
+_ENV_SET: dict[str, str | None] = {}
+
+
+def disconnect() -> None:
+    """``ray.shutdown()``, and forget the local Ray's address that :func:`connect` exported."""
+    import ray
+
+    ray.shutdown()
+    for k, v in _ENV_SET.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_SET.clear()
 
 
 def free_port() -> int:

@@ -269,6 +269,7 @@ class StageLoop:
         self.start_images = t.state.stage_images
         self.t0 = time.monotonic()
         self.steady_from = (self.t0, t.state.stage_images) if self.job.warmup_steps == 0 else None
+        self.steady_until = self.steady_from
         self._last_progress = self.t0
         self.rate = float("nan")
         if self.resumed_from is not None:
@@ -291,6 +292,7 @@ class StageLoop:
             if t.state.step - self.start_step == self.job.warmup_steps:
                 self.steady_from = (time.monotonic(), t.state.stage_images)
             self._after_step(result, dt)
+            self.steady_until = (time.monotonic(), t.state.stage_images)
             due = t.state.step % self.job.checkpoint_every == 0 and not t.stage_done
             if due and not self._checkpoint() and not self._rollback("non-finite weights"):
                 return self._finish("diverged")
@@ -418,13 +420,13 @@ class StageLoop:
         return True
 
     def _steady_rate(self) -> float | None:
-        """Images/s after the first ``warmup_steps`` steps of this attempt (training steps,
-        rank-0 logging and checkpoints included)."""
-        if self.steady_from is None:
+        """Images/s from the end of step ``warmup_steps`` of this attempt to its last step
+        (periodic checkpoints and rank-0 logging included, the final checkpoint not)."""
+        if self.steady_from is None or self.steady_until is None:
             return None
-        t_from, images_from = self.steady_from
-        seconds = time.monotonic() - t_from
-        images = self.trainer.state.stage_images - images_from
+        (t_from, images_from), (t_until, images_until) = self.steady_from, self.steady_until
+        seconds = t_until - t_from
+        images = images_until - images_from
         return images / seconds if seconds > 0 and images > 0 else None
 
     def _finish(self, status: str) -> dict:

@@ -26,6 +26,7 @@ from pipelines.train_loop import (
     model_only,
     params_finite,
     read_resume,
+    reshuffle,
 )
 
 CONFIG = {
@@ -104,6 +105,21 @@ def test_resume_after_a_crash_continues_exactly(tmp_path):
     assert resumed.state == whole.state
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # same weights as never having stopped
+
+
+def test_a_resume_with_another_worker_count_keeps_counters_and_redraws_data_order(tmp_path):
+    storage = Storage(tmp_path, crash_after=1)
+    with pytest.raises(Crash):
+        StageLoop(trainer(), job(), storage, echo=quiet).run()
+    ckpt, meta, exact = read_resume(storage.latest(), rank=1, world=2)
+    assert not exact and meta["world_size"] == 1  # rank1.pt of a 2-worker run is absent
+    fresh = Trainer(from_dict(CONFIG), {4: images()}, world_size=2, rank=1)
+    ckpt["batches"], ckpt["rng"] = fresh.state_dict()["batches"], fresh.state_dict()["rng"]
+    fresh.load_state_dict(ckpt)
+    reshuffle(fresh, salt=fresh.state.step)
+    assert fresh.state.step == 4 and fresh.state.stage_images == 64
+    summary = StageLoop(fresh, job(), Storage(tmp_path / "b"), world=2, resumed=True).run()
+    assert summary["status"] == "completed" and summary["stage_images"] >= 192
 
 
 def test_resuming_a_finished_stage_writes_nothing_new(tmp_path):

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup run submit cluster-up cluster-down test bench lint format ui clean
+.PHONY: setup run submit cluster-up cluster-down compare test bench lint format ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ cluster-up: $(STAMP)
 cluster-down:
 	PATH=$(CURDIR)/$(BIN):$$PATH infra/local/cluster.sh down
 
+# The last pipeline runs side by side from MLflow: parameters that differ, FID/KID per stage,
+# tune's best score, training time (COMPARE_ARGS="--last 3 --format csv").
+COMPARE_ARGS ?=
+compare: $(STAMP)
+	$(BIN)/python -m pipelines.compare $(COMPARE_ARGS)
+
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -53,4 +59,4 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf runs data models outputs .pytest_cache
+	rm -rf runs data models outputs tune .pytest_cache

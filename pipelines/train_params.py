@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfebm.config import CFEBMConfig, ConfigError, from_dict, to_dict
+from pipelines.tune_result import apply_tuned_sampler
 
 SECTION = "train"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -141,6 +142,9 @@ class TrainParams:
     """Seconds between progress lines."""
     model: dict = field(default_factory=dict)
     sampler: dict = field(default_factory=dict)
+    sampler_from_tune: str | None = None
+    """The tune stage's best setting (tune/best.json): its sampler entries override
+    ``sampler``; null: train with ``sampler`` as it is."""
     optim: dict = field(default_factory=dict)
     """cfebm's TrainConfig: batch sizes, learning rates, fade/stable images, seed, ..."""
     ray: RayParams = field(default_factory=RayParams)
@@ -150,6 +154,7 @@ class TrainParams:
     debug: DebugParams = field(default_factory=DebugParams)
 
     def __post_init__(self) -> None:
+        self.sampler = apply_tuned_sampler(self.sampler, self.sampler_from_tune)
         self.cfebm = from_dict({"model": self.model, "sampler": self.sampler, "train": self.optim})
         n = self.cfebm.model.num_stages
         if self.stages and len(self.stages) != n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,15 @@ def test_cfebm_imports_no_ray_mlflow_or_dvc():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_sampler_from_tune_overrides_train_sampler(tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"sampler": {"step_size": 0.12, "noise_start": 0.003}}))
+    p = params_from_dict(
+        {"sampler": {"step_size": 1.0, "steps": 30}, "sampler_from_tune": str(best)}
+    )
+    s = p.cfebm.sampler
+    assert (s.step_size, s.noise_start, s.steps) == (0.12, 0.003, 30)
+    with pytest.raises(ConfigError, match="run the tune stage"):
+        params_from_dict({"sampler_from_tune": str(tmp_path / "none.json")})

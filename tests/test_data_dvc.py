@@ -90,7 +90,7 @@ def test_repro_builds_the_pyramid_and_is_then_up_to_date(repo):
     assert PyramidStore(str(repo / "data" / "prepared")).resolutions == [16]
     # The stages imported cfebm/data, writing __pycache__ into a dependency: still unchanged.
     assert (repo / "cfebm" / "data" / "__pycache__").is_dir()
-    assert "up to date" in dvc("status", cwd=repo)
+    assert "up to date" in dvc("status", "prepare", "pyramid", cwd=repo)
     assert "didn't change" in dvc("repro", "pyramid", cwd=repo)
 
 
@@ -99,13 +99,13 @@ def test_push_to_s3_remote_and_pull_into_a_clone(repo, s3_env, s3_server, tmp_pa
     dvc("remote", "modify", "storage", "endpointurl", s3_server, cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "-m", "smoke pipeline", cwd=repo)
-    dvc("push", cwd=repo)
+    dvc("push", "prepare", "pyramid", cwd=repo)
 
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
     assert not (clone / "data").exists()
-    dvc("pull", cwd=clone)
+    dvc("pull", "prepare", "pyramid", cwd=clone)
     for out in ("prepared", "pyramid"):
         pulled = file_hashes(clone / "data" / out)
         assert pulled == file_hashes(repo / "data" / out) and len(pulled) > 5
-    assert "up to date" in dvc("status", cwd=clone)
+    assert "up to date" in dvc("status", "prepare", "pyramid", cwd=clone)

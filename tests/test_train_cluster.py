@@ -110,6 +110,7 @@ def mlflow_server(tmp_path_factory):
 def project(root, data_dir, **train) -> str:
     """A smoke project whose data is the prepared pyramid at ``data_dir``."""
     params = smoke_params(data=str(data_dir), **train)
+    params["train"]["stages"][0]["after"] = str(data_dir)  # stage 0 runs after that pyramid
     return make_project(root, params, git=False)
 
 

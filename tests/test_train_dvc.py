@@ -42,7 +42,7 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
     root = make_project(tmp_path / "proj", params)
     renv = {"RAY_TMPDIR": ray_tmpdir()}
     log = str(tmp_path / "first.log")
-    first = start(["dvc", "repro"], root, log, **renv)
+    first = start(["dvc", "repro", "train@1"], root, log, **renv)
     try:
         wait_for(
             lambda: [s for s in registered_steps(root) if s >= 2 * INJECT_AT],
@@ -56,7 +56,7 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
     assert not os.path.exists(f"{root}/metrics/train-stage1.json")
     killed_at = max(registered_steps(root))
 
-    second = run(["dvc", "repro"], root, timeout=400, **renv)
+    second = run(["dvc", "repro", "train@1"], root, timeout=400, **renv)
     out = second.stdout + second.stderr
     assert "Running stage 'train@0'" not in out and "Running stage 'train@1'" in out
 

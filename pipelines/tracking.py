@@ -1,12 +1,14 @@
-"""MLflow for the training stages: one parent run per pipeline run, a nested run per stage.
+"""MLflow for the pipeline stages: one parent run per pipeline run, a nested run per stage.
 
-A *pipeline run* is one pass of ``dvc repro`` over the training stages. DVC starts every
-stage as its own process, so the parent run's id is kept in a small state file
-(``runs/mlflow-pipeline.json``): a stage reuses the parent while that run is still
-RUNNING, the last stage ends it, and a failed stage ends it as FAILED. A ``dvc repro``
-that was killed leaves the parent RUNNING, so the next ``dvc repro`` continues the same
-pipeline run, and the stage it resumes continues the same nested run. An orchestrator can
-set ``CFEBM_MLFLOW_PARENT_RUN_ID`` to nest the stages under a run of its own instead.
+A *pipeline run* is one ``dvc repro``. DVC starts every stage as its own process, so the
+stages find their shared parent run through a small state file
+(``runs/mlflow-pipeline.json``) and the identity of the ``dvc`` process they run under
+(:func:`invocation_id`). The parent is RUNNING while a stage runs and FINISHED (FAILED if
+a stage failed) once they have ended. A ``dvc repro`` that was killed leaves its stage
+open, so the next ``dvc repro`` continues that pipeline run, and the stage it resumes
+continues the same nested run. An orchestrator can set ``CFEBM_MLFLOW_PARENT_RUN_ID`` to
+nest the stages under a run of its own, or ``CFEBM_PIPELINE_ID`` to group stages that it
+starts itself.
 
 Only the driver and the rank-0 worker talk to MLflow; the library (cfebm) never does.
 """
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "CFEBM_MLFLOW_PARENT_RUN_ID"
+PIPELINE_ENV = "CFEBM_PIPELINE_ID"
 STATE_FILE = os.path.join("runs", "mlflow-pipeline.json")
 
 
@@ -89,8 +92,50 @@ def experiment_id(c, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
+def invocation_id() -> str | None:
+    """Which ``dvc repro`` (or ``dvc exp run``) this stage runs under: ``CFEBM_PIPELINE_ID``
+    if set, else the pid and start time of the nearest ``dvc`` ancestor process (Linux
+    /proc); None for a stage started by hand."""
+    if os.environ.get(PIPELINE_ENV):
+        return os.environ[PIPELINE_ENV]
+    pid = os.getppid()
+    for _ in range(8):  # dvc -> (shell) -> python -m pipelines.<stage>
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        if _is_dvc(argv):
+            return f"dvc-{pid}-{fields[19]}"  # field 22 of stat: start time
+        pid = int(fields[1])  # field 4: parent pid
+        if pid <= 1:
+            return None
+    return None
+
+
+def _is_dvc(argv: list[str]) -> bool:
+    """``dvc ...``, ``python .../bin/dvc ...`` (the console script) or ``python -m dvc``."""
+    if not argv:
+        return False
+    exe = os.path.basename(argv[0])
+    if exe == "dvc":
+        return True
+    return exe.startswith("python") and (
+        (len(argv) > 1 and os.path.basename(argv[1]) == "dvc") or argv[1:3] == ["-m", "dvc"]
+    )
+
+
 class PipelineRuns:
-    """The parent run of the current pipeline run and the nested runs of its stages."""
+    """The parent run of the current pipeline run and the nested runs of its stages.
+
+    A pipeline run is one ``dvc repro``: the stages it runs share one parent run, which
+    is RUNNING while one of them runs and FINISHED (or FAILED) once they have ended. A
+    ``dvc repro`` that was killed leaves a stage open; the next one then continues that
+    pipeline run (and the stage's nested run, when it resumes the same stage) instead of
+    starting a new one.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, state_path: str = STATE_FILE):
         self.tracking_uri = tracking_uri
@@ -98,6 +143,7 @@ class PipelineRuns:
         self.experiment_id = experiment_id(self.client, experiment, tracking_uri)
         self.state_path = state_path
         self.external_parent = os.environ.get(PARENT_ENV)
+        self.invocation = invocation_id()
 
     def _load(self) -> dict:
         try:
@@ -116,21 +162,29 @@ class PipelineRuns:
             json.dump(state, f, indent=2)
         os.replace(tmp, self.state_path)
 
-    def _running(self, run_id: str | None) -> bool:
+    def _status(self, run_id: str | None) -> str | None:
         if not run_id:
-            return False
+            return None
         try:
-            return self.client.get_run(run_id).info.status == "RUNNING"
+            return self.client.get_run(run_id).info.status
         except Exception:
-            return False
+            return None
 
     def parent(self) -> str:
-        """The running parent run, or a new one."""
+        """This pipeline run's parent run: the one of the same ``dvc repro``, or of an
+        interrupted one, reopened if need be; else a new one."""
         if self.external_parent:
             return self.external_parent
         state = self._load()
-        if self._running(state.get("parent_run_id")):
-            return state["parent_run_id"]
+        prev = state.get("parent_run_id")
+        same = self.invocation is not None and state.get("invocation") == self.invocation
+        interrupted = bool(state.get("open"))
+        if prev and (same or interrupted) and self._status(prev) is not None:
+            if self._status(prev) != "RUNNING":
+                self.client.update_run(prev, status="RUNNING")
+            state["invocation"] = self.invocation
+            self._save(state)
+            return prev
         run = self.client.create_run(
             self.experiment_id,
             run_name=time.strftime("pipeline-%Y%m%d-%H%M%S"),
@@ -141,6 +195,8 @@ class PipelineRuns:
                 "tracking_uri": self.tracking_uri,
                 "experiment_id": self.experiment_id,
                 "parent_run_id": run.info.run_id,
+                "invocation": self.invocation,
+                "open": {},
                 "stages": {},
             }
         )
@@ -153,19 +209,22 @@ class PipelineRuns:
         the same stage (same ``key``) left it RUNNING under this parent."""
         state = self._load() if not self.external_parent else {}
         known = state.get("stages", {}).get(key)
-        if known and self._running(known):
-            return known, True
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=run_name,
-            tags={"mlflow.parentRunId": parent_id, "cfebm.kind": "stage", **tags},
-        )
-        run_id = run.info.run_id
-        self.log_params(run_id, params)
+        continued = bool(known) and self._status(known) == "RUNNING"
+        if continued:
+            run_id = known
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={"mlflow.parentRunId": parent_id, "cfebm.kind": "stage", **tags},
+            )
+            run_id = run.info.run_id
+            self.log_params(run_id, params)
         if state:
             state.setdefault("stages", {})[key] = run_id
+            state.setdefault("open", {})[run_id] = self.invocation
             self._save(state)
-        return run_id, False
+        return run_id, continued
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -175,16 +234,30 @@ class PipelineRuns:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a stage's run; the parent ends with the last open stage (FAILED if one did).
+        Stage runs left open by a killed ``dvc repro`` and not resumed end as KILLED."""
         self.client.set_terminated(run_id, status)
+        state = self._load()
+        if self.external_parent or not state:
+            return
+        state.setdefault("open", {}).pop(run_id, None)
+        for stale, inv in list(state["open"].items()):
+            if inv != self.invocation or self.invocation is None:
+                self.client.set_terminated(stale, "KILLED")
+                del state["open"][stale]
+        if status == "FAILED":
+            state["failed"] = True
+        if not state["open"]:
+            parent = state["parent_run_id"]
+            self.client.set_terminated(parent, "FAILED" if state.get("failed") else "FINISHED")
+        self._save(state)
 
     def end_pipeline(self, parent_id: str, status: str = "FINISHED") -> None:
-        """End the parent run (unless an orchestrator owns it) and forget it."""
+        """End the parent run now (unless an orchestrator owns it); a later stage of the
+        same ``dvc repro`` reopens it."""
         if self.external_parent:
             return
         self.client.set_terminated(parent_id, status)
-        state = self._load()
-        if state.get("parent_run_id") == parent_id:
-            os.remove(self.state_path)
 
 
 class RunLogger:

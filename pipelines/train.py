@@ -276,11 +276,8 @@ def run_stage(params: TrainParams, stage: int, echo=print) -> dict:
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):  # killed: leave the runs open to continue
             runs.end_stage(run_id, "FAILED")
-            runs.end_pipeline(parent, "FAILED")
         raise
-    runs.end_stage(run_id, "FINISHED")
-    if stage == cfg.model.num_stages - 1:
-        runs.end_pipeline(parent, "FINISHED")
+    runs.end_stage(run_id, "FINISHED")  # and the parent, unless a later stage reopens it
     return metrics
 
 

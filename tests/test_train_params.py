@@ -141,3 +141,57 @@ def test_sampler_from_tune_overrides_train_sampler(tmp_path):
     assert (s.step_size, s.noise_start, s.steps) == (0.12, 0.003, 30)
     with pytest.raises(ConfigError, match="run the tune stage"):
         params_from_dict({"sampler_from_tune": str(tmp_path / "none.json")})
+
+
+def test_one_parent_run_per_dvc_repro_continued_after_a_kill(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    state = str(tmp_path / "runs" / "mlflow-pipeline.json")
+
+    def runs(invocation: str) -> tracking.PipelineRuns:
+        monkeypatch.setenv(tracking.PIPELINE_ENV, invocation)
+        return tracking.PipelineRuns(uri, "exp", state_path=state)
+
+    def status(run_id: str) -> str:
+        return r.client.get_run(run_id).info.status
+
+    r = runs("repro-1")  # two stages of one dvc repro share the parent
+    p1 = r.parent()
+    s0, _ = r.stage(p1, "k0", "stage0", {}, {})
+    r.end_stage(s0)
+    assert status(p1) == "FINISHED"
+    r = runs("repro-1")
+    assert r.parent() == p1 and status(p1) == "RUNNING"  # reopened for the next stage
+    s1, _ = r.stage(p1, "k1", "stage1", {}, {})
+    r.end_stage(s1)
+    assert status(p1) == "FINISHED"
+
+    r = runs("repro-2")  # the next dvc repro is a new pipeline run, killed mid-stage
+    p2 = r.parent()
+    assert p2 != p1
+    killed, _ = r.stage(p2, "k1", "stage1", {}, {})
+    r = runs("repro-3")  # continues the killed pipeline run and its stage's run
+    assert r.parent() == p2
+    assert r.stage(p2, "k1", "stage1", {}, {}) == (killed, True)
+    other, continued = r.stage(p2, "k2", "stage2", {}, {})
+    assert not continued
+    r.end_stage(other, "FAILED")
+    assert status(killed) == "RUNNING"  # still open in this invocation
+    r.end_stage(killed)
+    assert status(p2) == "FAILED"  # a stage of it failed
+
+    r = runs("repro-4")
+    p4 = r.parent()
+    stale, _ = r.stage(p4, "k5", "stage5", {}, {})  # killed, and the stage is not resumed
+    r = runs("repro-5")
+    assert r.parent() == p4
+    fresh, _ = r.stage(p4, "k6", "stage6", {}, {})
+    r.end_stage(fresh)
+    assert status(stale) == "KILLED" and status(p4) == "FINISHED"
+
+
+def test_dvc_processes_are_recognised():
+    assert tracking._is_dvc(["/venv/bin/python", "/venv/bin/dvc", "repro"])
+    assert tracking._is_dvc(["dvc", "exp", "run"])
+    assert tracking._is_dvc(["python3", "-m", "dvc", "repro"])
+    assert not tracking._is_dvc(["python", "-m", "pipelines.train"])
+    assert not tracking._is_dvc(["/bin/sh", "-c", "dvc repro"])

@@ -77,6 +77,7 @@ def write_synthetic_pyramid(root: str, cfg, n: int = 1024) -> str:
             source="shapes",
             num_train=n,
             num_test=16,
+            shard_size=256,  # 4 shards: each of 2 workers reads its own
             resolution=cfg.model.resolutions[-1],
             channels=cfg.model.channels,
             out=prepared,

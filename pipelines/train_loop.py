@@ -484,11 +484,11 @@ def train_loop_per_worker(config: dict) -> dict:
         with checkpoint.as_directory() as d:
             resume, meta, exact = read_resume(d, rank, world)
 
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        # The fade path is unused once beta reaches 1: DDP must not wait for its grads.
-        return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
+    def wrap(model: EnergyNet) -> torch.nn.Module:
+        # After an expansion the fade path is unused once beta reaches 1: DDP must not
+        # wait for its gradients. Stage 0 uses every parameter in every step.
+        unused = {"find_unused_parameters": model.stage > 0}
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
 
     trainer = Trainer(
         worker_config(cfg, world),

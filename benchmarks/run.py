@@ -15,6 +15,7 @@ import traceback
 BENCHMARKS = (
     "benchmarks.langevin",
     "benchmarks.pyramid",
+    "benchmarks.train_throughput",
 )
 """Module names, run in this order; add new benchmarks here."""
 

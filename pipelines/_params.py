@@ -51,6 +51,18 @@ def json_mapping(text: str) -> dict:
     return value
 
 
+def stage_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of stage CLI ``python -m <module>``: its docstring's first paragraph as
+    description, plus ``--params`` and ``--dry-run``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0],
+        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
+    )
+    params_argument(parser)
+    return parser
+
+
 def params_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",

@@ -46,7 +46,7 @@ from pipelines._params import (
     nullable,
     nullable_int,
     overrides,
-    params_argument,
+    stage_parser,
 )
 
 SECTION = "evaluate"
@@ -152,12 +152,7 @@ PARAM_FIELDS = {f.name for f in fields(EvaluateParams)}
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvaluateParams()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.evaluate",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.evaluate", __doc__)
     p.add_argument(
         "--models", nargs="+", metavar="CKPT", help="stage checkpoints to evaluate, paths or URLs"
     )

@@ -28,7 +28,7 @@ from cfebm.features import (
     save_feature_net,
     train_feature_net,
 )
-from pipelines._params import json_mapping, load_section, nullable, overrides, params_argument
+from pipelines._params import json_mapping, load_section, nullable, overrides, stage_parser
 
 SECTION = "features"
 
@@ -55,12 +55,7 @@ TRAIN_FIELDS = {f.name for f in fields(FeatureTrainConfig)}
 
 def build_parser() -> argparse.ArgumentParser:
     s, t = FeaturesStage(), FeatureTrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.features",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.features", __doc__)
     p.add_argument("--data", help=f"labelled pyramid dataset root, path or URL [{s.data}]")
     p.add_argument(
         "--storage-options",

@@ -33,7 +33,7 @@ from cfebm.ood import (
     roc_plot_png,
 )
 from cfebm.sampling import to_uint8
-from pipelines._params import json_mapping, nullable_int, params_argument
+from pipelines._params import json_mapping, nullable_int, stage_parser
 from pipelines._uses import (
     MlflowSettings,
     check_channels,
@@ -100,12 +100,7 @@ def named_root(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d, a = OODParams(), OODConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.ood",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.ood", __doc__)
     p.add_argument("--model", help=f"model checkpoint, path or URL [{d.model}]")
     p.add_argument("--data", help=f"in-distribution pyramid root, path or URL [{d.data}]")
     p.add_argument(

@@ -21,7 +21,7 @@ from pipelines._params import (
     nullable,
     nullable_int,
     overrides,
-    params_argument,
+    stage_parser,
 )
 
 SECTION = "prepare"
@@ -30,12 +30,7 @@ DEFAULTS = PrepareConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.prepare",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.prepare", __doc__)
     p.add_argument(
         "--source",
         choices=SOURCES,

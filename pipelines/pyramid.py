@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 
 from cfebm.data import DataError, PyramidConfig, build_pyramid
-from pipelines._params import json_mapping, load_section, overrides, params_argument
+from pipelines._params import json_mapping, load_section, overrides, stage_parser
 
 SECTION = "pyramid"
 DEFAULTS = PyramidConfig()
@@ -22,12 +22,7 @@ DEFAULTS = PyramidConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.pyramid",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.pyramid", __doc__)
     p.add_argument("--input", help=f"prepared dataset root, local or fsspec URL [{d.input}]")
     p.add_argument("--out", help=f"pyramid dataset root to write, local or fsspec URL [{d.out}]")
     p.add_argument(

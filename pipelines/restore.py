@@ -23,7 +23,7 @@ from cfebm.data import DataError, PyramidStore
 from cfebm.images import grid_png
 from cfebm.restore import FILLS, MASK_KINDS, RestoreConfig, evaluate_restoration
 from cfebm.sampling import to_uint8
-from pipelines._params import json_mapping, nullable_int, params_argument
+from pipelines._params import json_mapping, nullable_int, stage_parser
 from pipelines._uses import (
     MlflowSettings,
     check_channels,
@@ -85,12 +85,7 @@ ALGO_FIELDS = dataclass_fields(RestoreConfig)
 
 def build_parser() -> argparse.ArgumentParser:
     d, a = RestoreParams(), RestoreConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.restore",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.restore", __doc__)
     p.add_argument("--model", help=f"model checkpoint, path or URL [{d.model}]")
     p.add_argument("--data", help=f"pyramid dataset root, path or URL [{d.data}]")
     p.add_argument(

@@ -40,7 +40,7 @@ from cfebm.translate import (
     translate_with_saliency,
     translation_scores,
 )
-from pipelines._params import json_mapping, nullable_int, params_argument
+from pipelines._params import json_mapping, nullable_int, stage_parser
 from pipelines._uses import (
     MlflowSettings,
     common_arguments,
@@ -159,12 +159,7 @@ FIELDS = dataclass_fields(TranslateParams)
 
 def build_parser() -> argparse.ArgumentParser:
     d = TranslateParams()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.translate",
-        description=__doc__.split("\n\n")[0],
-        epilog="Values in [brackets] are the built-in defaults that params.yaml overrides.",
-    )
-    params_argument(p)
+    p = stage_parser("pipelines.translate", __doc__)
     p.add_argument("--source", help=f"source-domain pyramid root, path or URL [{d.source}]")
     p.add_argument("--target", help=f"target-domain pyramid root, path or URL [{d.target}]")
     p.add_argument(

@@ -181,12 +181,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _build(cls: type, data: dict | None, where: str) -> Any:
-    data = dict(data or {})
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """``cls(**data)`` for a mapping from YAML, with errors that name the option at ``where``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
+        raise ConfigError(
+            f"unknown {where} option(s): {', '.join(unknown)}; known: {sorted(names)}"
+        )
     try:
         return cls(**data)
     except TypeError as e:  # wrong types that the dataclass could not take
@@ -200,9 +206,9 @@ def from_dict(data: dict | None) -> CFEBMConfig:
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
     return CFEBMConfig(
-        model=_build(ModelConfig, data.get("model"), "model"),
-        sampler=_build(SamplerConfig, data.get("sampler"), "sampler"),
-        train=_build(TrainConfig, data.get("train"), "train"),
+        model=build_dataclass(ModelConfig, data.get("model"), "model"),
+        sampler=build_dataclass(SamplerConfig, data.get("sampler"), "sampler"),
+        train=build_dataclass(TrainConfig, data.get("train"), "train"),
     )
 
 

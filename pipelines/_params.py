@@ -31,6 +31,23 @@ def overrides(args: argparse.Namespace, fields: set[str]) -> dict:
     return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
+def apply_overrides(
+    section: dict, args: argparse.Namespace, options: dict[str, tuple[str | None, str]]
+) -> dict:
+    """A copy of a params ``section`` with the command-line options given in ``args``:
+    ``options`` maps an argparse dest to (sub-section or None, key)."""
+    section = {k: (dict(v) if isinstance(v, dict) else v) for k, v in section.items()}
+    for name, (sub, key) in options.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if sub is None:
+            section[key] = value
+        else:
+            section.setdefault(sub, {})[key] = value
+    return section
+
+
 def nullable(text: str) -> str | None:
     """argparse type for options whose params value may be null: 'none' / 'null' -> None."""
     return None if text.lower() in ("none", "null", "") else text

@@ -37,7 +37,7 @@ from cfebm.data import DataError
 from cfebm.images import grid_png
 from cfebm.trainer import model_from_checkpoint
 from pipelines import pictures, ray_utils, tracking
-from pipelines._params import load_section, params_argument
+from pipelines._params import apply_overrides, load_section, params_argument
 from pipelines.train_loop import (
     TRAINER_FILE,
     StageJob,
@@ -97,15 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(argv: list[str] | None = None) -> tuple[TrainParams, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     section = load_section(args.params or "params.yaml", SECTION, required=bool(args.params))
-    section = {k: (dict(v) if isinstance(v, dict) else v) for k, v in section.items()}
-    for name, (sub, key) in OVERRIDES.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if sub is None:
-            section[key] = value
-        else:
-            section.setdefault(sub, {})[key] = value
+    section = apply_overrides(section, args, OVERRIDES)
     params = params_from_dict(section)
     check_stage(params.cfebm, args.stage)
     return params, args

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfebm.config import CFEBMConfig, ConfigError, from_dict, to_dict
+from cfebm.config import CFEBMConfig, ConfigError, build_dataclass, from_dict, to_dict
 from pipelines.tune_result import apply_tuned_sampler
 
 SECTION = "train"
@@ -202,25 +202,13 @@ _NESTED = {
 }
 
 
-def _build(cls: type, data: dict | None, where: str) -> Any:
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {where} option(s): {', '.join(unknown)}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
 def params_from_dict(data: dict | None) -> TrainParams:
     """Validated settings from the ``train`` section (ConfigError names a bad option)."""
     data = dict(data or {})
     for key, cls in _NESTED.items():
         if key in data and not isinstance(data[key], cls):
-            data[key] = _build(cls, data[key], f"train.{key}")
-    return _build(TrainParams, data, "train")
+            data[key] = build_dataclass(cls, data[key], f"train.{key}")
+    return build_dataclass(TrainParams, data, "train")
 
 
 def check_stage(cfg: CFEBMConfig, stage: int) -> None:

@@ -39,7 +39,7 @@ from cfebm.data import DataError
 from cfebm.features import FeatureError
 from cfebm.metrics import InceptionWeightsError
 from pipelines import ray_utils
-from pipelines._params import load_section, nullable, params_argument
+from pipelines._params import apply_overrides, load_section, nullable, params_argument
 from pipelines.tune_params import (
     SECTION,
     Dimension,
@@ -149,15 +149,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TuneParams, CFEBMConfig, arg
     args = build_parser().parse_args(argv)
     path = args.params or "params.yaml"
     section = load_section(path, SECTION, required=bool(args.params))
-    section = {k: (dict(v) if isinstance(v, dict) else v) for k, v in section.items()}
-    for name, (sub, key) in OVERRIDES.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if sub is None:
-            section[key] = value
-        else:
-            section.setdefault(sub, {})[key] = value
+    section = apply_overrides(section, args, OVERRIDES)
     params = params_from_dict(section)
     base = trial_base_config(params, load_section(path, "train", required=False))
     return params, base, args

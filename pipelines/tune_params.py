@@ -17,7 +17,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfebm.config import CFEBMConfig, ConfigError, SamplerConfig, from_dict, to_dict
+from cfebm.config import (
+    CFEBMConfig,
+    ConfigError,
+    SamplerConfig,
+    build_dataclass,
+    from_dict,
+    to_dict,
+)
 
 SECTION = "tune"
 METRICS = ("kid", "fid")
@@ -101,7 +108,7 @@ class SearchSpace:
         for name in TUNABLE:
             value = getattr(self, name)
             if isinstance(value, dict):
-                value = _build(Dimension, value, f"tune.space.{name}")
+                value = build_dataclass(Dimension, value, f"tune.space.{name}")
                 setattr(self, name, value)
             if value is not None:
                 value.check(name, integer=name == "steps")
@@ -264,7 +271,7 @@ class TuneParams:
         for name, cls in _NESTED.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
-                setattr(self, name, _build(cls, value, f"tune.{name}"))
+                setattr(self, name, build_dataclass(cls, value, f"tune.{name}"))
         if self.metric not in METRICS:
             raise ConfigError(f"tune.metric {self.metric!r} not in {METRICS}")
         if self.extractor not in EXTRACTORS:
@@ -302,26 +309,9 @@ _NESTED = {
 }
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown {where} option(s): {', '.join(unknown)}; known: {sorted(names)}"
-        )
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
 def params_from_dict(data: dict | None) -> TuneParams:
     """Validated settings from the ``tune`` section (ConfigError names a bad option)."""
-    return _build(TuneParams, dict(data or {}), SECTION)
+    return build_dataclass(TuneParams, dict(data or {}), SECTION)
 
 
 def trial_base_config(p: TuneParams, train_section: dict) -> CFEBMConfig:

@@ -1,10 +1,10 @@
 """A small domain feature extractor: the offline stand-in for Inception in FID/KID.
 
-Inception weights cannot be downloaded on an offline machine (DESIGN.md, "Things that are
-easy to get wrong"). Instead of reporting a number that pretends to be Inception FID, the
-``features`` stage trains :class:`FeatureNet`, a CNN classifier on the labelled built-in
-data (digits, shapes, a labelled folder), and the metrics use its penultimate layer as the
-feature space. Its name, ``cfebm-<dataset>-cnn``, travels into every metric key.
+Inception weights cannot be downloaded on an offline machine. Instead of reporting a
+number that pretends to be Inception FID, the ``features`` stage trains :class:`FeatureNet`,
+a CNN classifier on the labelled built-in data (digits, shapes, a labelled folder), and the
+metrics use its penultimate layer as the feature space. Its name, ``cfebm-<dataset>-cnn``,
+travels into every metric key.
 
 The network sees one resolution, ``FeatureNetConfig.resolution`` (the finest level of the
 pyramid); images of other sizes are resized to it (:func:`resize_to`), as Inception resizes
@@ -346,3 +346,68 @@ def load_feature_net(url: str, map_location: str | torch.device = "cpu") -> Feat
         raise FeatureError(f"{url}: weights do not fit the recorded architecture ({e})") from e
     net.requires_grad_(False)
     return FeatureExtractorFile(check_name(payload["name"]), net.eval(), dict(payload["meta"]))
+
+
+def label_layout(store) -> tuple[list[str], list[int]]:
+    """(field names, classes per field) of a labelled pyramid dataset, from its manifest."""
+    if not store.has_labels:
+        raise FeatureError(
+            f"{store.url} has no labels: the domain extractor is a classifier and needs a "
+            "labelled dataset (digits, shapes, or a folder with folder_labels)"
+        )
+    names = store.label_names
+    if names and isinstance(names[0], list):
+        counts = [len(n) for n in names]
+    elif names:
+        counts = [len(names)]
+    else:
+        labels = store.labels("train").reshape(store.count("train"), -1)
+        counts = [int(c) + 1 for c in labels.max(axis=0)]
+    fields_ = store.manifest.get("label_fields") or (
+        ["class"] if len(counts) == 1 else [f"label{j}" for j in range(len(counts))]
+    )
+    return list(fields_), counts
+
+
+def fit_extractor(
+    store, cfg: FeatureTrainConfig, name: str | None = None, log: Callable[[str], None] = print
+) -> tuple[FeatureNet, str, dict]:
+    """(the domain CNN trained on ``store``'s train split, its name, its metadata with the
+    test accuracy at every pyramid level)."""
+    source = (store.manifest.get("source") or {}).get("source", "data")
+    name = check_name(name or default_name(source))
+    label_fields, num_classes = label_layout(store)
+    data = LabelledImages(
+        {r: store.read("train", r) for r in store.resolutions}, store.labels("train")
+    )
+    classes = ", ".join(f"{f}: {k}" for f, k in zip(label_fields, num_classes))
+    log(
+        f"features: training {name} on {store.count('train')} {source} images at "
+        f"{store.resolutions} (classes per label: {classes})"
+    )
+    net = train_feature_net(
+        data,
+        cfg,
+        num_classes,
+        progress=lambda e, loss: log(f"features: epoch {e + 1}/{cfg.epochs} loss {loss:.4f}"),
+    )
+    test_accuracy = {}
+    if "test" in store.splits and store.count("test") > 0:
+        labels = store.labels("test")
+        for r in store.resolutions[::-1]:
+            test_accuracy[f"r{r}"] = dict(
+                zip(label_fields, accuracy(net, store.read("test", r), labels))
+            )
+    meta = {
+        "dataset": source,
+        "resolution": net.cfg.resolution,
+        "resolutions": store.resolutions,
+        "channels": net.cfg.channels,
+        "label_fields": label_fields,
+        "num_classes": num_classes,
+        "train_count": store.count("train"),
+        "test_accuracy": test_accuracy,
+        "feature_scale": float(net.feature_scale),
+        "train": asdict(cfg),
+    }
+    return net, name, meta

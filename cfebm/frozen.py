@@ -1,7 +1,7 @@
 """A frozen, fused copy of one stage's energy, for Langevin sampling.
 
 During a chain the weights do not change, so everything that depends only on them is
-computed once here instead of on every step (DESIGN.md, "Performance notes"):
+computed once here instead of on every step (docs/performance.md):
 
 * spectral norm and equalised-lr scaling are applied once (no power iteration);
 * the linear 1x1 ``from_image`` conv followed by the block's first 3x3 conv is one 3x3
@@ -14,7 +14,8 @@ computed once here instead of on every step (DESIGN.md, "Performance notes"):
 Nothing here requires parameter gradients or keeps a graph beyond one energy call, and no
 DDP wrapper is involved, so no gradient hooks fire during sampling. The function is the
 same as :meth:`EnergyNet.forward` in eval mode (up to float rounding); tests and
-``make bench`` check that.
+``make bench`` check that. The energies of finished stages never change, so a trainer
+builds theirs once per stage (:func:`stage_energies`) and only the current one per step.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import EqConv2d, Swish
-from .model import Block, EnergyNet, _res_key
+from .model import Block, CoarseToFineEBM, EnergyNet, _res_key
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
@@ -87,15 +88,16 @@ class _FusedBlock:
     ):
         w1, b1 = _weights(block.conv1)  # [C, C, 3, 3]
         w2, b2 = _weights(block.conv2)  # [O, C, 3, 3]
-        ws, _ = _weights(block.skip)  # [O, C, 1, 1]
+        ws, bs = _weights(block.skip)  # [O, C, 1, 1], [O] or None
         self.border = None
-        self.skip_bias = None
+        self.skip_bias = bs
         if input_conv is not None:
             w1, border = _fold_input_conv(w1, b1, input_conv, resolution)
             self.border, b1 = border.to(dtype), None
             # the skip 1x1 conv composes with the input 1x1 conv into one 1x1 conv
             wi, bi = _weights(input_conv)
-            self.skip_bias = (ws[:, :, 0, 0] @ bi).to(dtype)  # [O]
+            folded = ws[:, :, 0, 0] @ bi  # [O]
+            self.skip_bias = folded if bs is None else folded + bs
             ws = torch.einsum("oc,ci->oi", ws[:, :, 0, 0], wi[:, :, 0, 0])[:, :, None, None]
         # The activation's output scale folds into the next linear map: conv2 here, and
         # the 1/sqrt(2) of the residual sum folds into the skip conv.
@@ -105,7 +107,7 @@ class _FusedBlock:
         self.b2 = b2.to(dtype)
         self.ws = _prep(ws * _INV_SQRT2, dtype, channels_last)
         if self.skip_bias is not None:
-            self.skip_bias = self.skip_bias * _INV_SQRT2
+            self.skip_bias = (self.skip_bias * _INV_SQRT2).to(dtype)
         self.out_scale = act.scale * _INV_SQRT2
         self.act = act.fn
 
@@ -119,13 +121,13 @@ class _FusedBlock:
 class _FusedHead:
     def __init__(
         self,
-        model: EnergyNet,
+        net: EnergyNet,
         act: _Act,
         input_conv: EqConv2d | None,
         dtype: torch.dtype,
         channels_last: bool,
     ):
-        head = model.head
+        head = net.head
         w1, b1 = _weights(head.conv1)
         self.border = None
         if input_conv is not None:  # stage 0 at 4x4: from_image feeds the head directly
@@ -161,7 +163,7 @@ def _prep(w: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Ten
 
 
 class FrozenEnergy:
-    """E_t(x) of ``model`` at ``stage`` (with fade ``beta``), weights fixed at creation.
+    """E_t(x) of one stage's network ``net`` (with fade ``beta``), weights fixed at creation.
 
     Call it on x [B, C, r_t, r_t]; it returns energies [B] in float32 whatever ``dtype``
     it computes in (``torch.bfloat16`` runs the convs in reduced precision).
@@ -170,38 +172,35 @@ class FrozenEnergy:
 
     def __init__(
         self,
-        model: EnergyNet,
-        stage: int | None = None,
+        net: EnergyNet,
         beta: float = 1.0,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
     ):
-        t = model.stage if stage is None else stage
-        if not 0 <= t <= model.stage:
-            raise ValueError(f"stage {t} not grown (model is at stage {model.stage})")
+        t = net.stage
         self.stage, self.dtype, self.channels_last = t, dtype, channels_last
-        self.resolution = r = model.resolution(t)
+        self.resolution = r = net.resolution
         self.beta = 1.0 if t == 0 else float(beta)
-        act = _Act(model.head.act)
+        act = _Act(net.head.act)
         cl = channels_last
         with torch.no_grad():
-            fi = model.from_image[_res_key(r)]
+            fi = net.from_image[_res_key(r)]
             self.fade = None
             if r == 4:  # stage 0 at 4x4: no block, from_image folds into the head
                 self.first = None
                 self.trunk = []
-                self.head = _FusedHead(model, act, fi, dtype, cl)
+                self.head = _FusedHead(net, act, fi, dtype, cl)
                 return
-            self.first = _FusedBlock(model.blocks[_res_key(r)], act, fi, r, dtype, cl)
+            self.first = _FusedBlock(net.blocks[_res_key(r)], act, fi, r, dtype, cl)
             if t > 0 and self.beta < 1.0:
-                wf, bf = _weights(model.from_image[_res_key(r // 2)])
+                wf, bf = _weights(net.from_image[_res_key(r // 2)])
                 self.fade = (_prep(wf, dtype, cl), bf.to(dtype))
             rr, self.trunk = r // 2, []
             while rr > 4:
-                blk = model.blocks[_res_key(rr)]
+                blk = net.blocks[_res_key(rr)]
                 self.trunk.append(_FusedBlock(blk, act, None, rr, dtype, cl))
                 rr //= 2
-            self.head = _FusedHead(model, act, None, dtype, cl)
+            self.head = _FusedHead(net, act, None, dtype, cl)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -219,14 +218,18 @@ class FrozenEnergy:
 
 
 def stage_energies(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     stage: int | None = None,
     beta: float = 1.0,
     dtype: torch.dtype = torch.float32,
     first_stage: int = 0,
 ) -> list[FrozenEnergy]:
-    """Frozen energies E_{first}, ..., E_s for a coarse-to-fine chain; the last uses ``beta``."""
+    """Frozen energies E_first, ..., E_s (each stage's own network) for a coarse-to-fine
+    chain; the last one, if it is the model's current stage, at fade ``beta``."""
     s = model.stage if stage is None else stage
+    if not 0 <= first_stage <= s <= model.stage:
+        raise ValueError(f"stages {first_stage}..{s} not in the model's 0..{model.stage}")
     return [
-        FrozenEnergy(model, t, beta if t == s else 1.0, dtype) for t in range(first_stage, s + 1)
+        FrozenEnergy(model.nets[t], beta if t == model.stage else 1.0, dtype)
+        for t in range(first_stage, s + 1)
     ]

@@ -1,4 +1,4 @@
-"""Image grids and files for people to look at."""
+"""Image grids and PNG files for people to look at (torchvision's grid and PNG writer)."""
 
 from __future__ import annotations
 
@@ -6,33 +6,50 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+
+
+def _tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images))
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"grids take uint8 images [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+    return x
 
 
 def make_grid(
-    images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 1
+    images: torch.Tensor | np.ndarray, nrow: int | None = None, scale: int = 1
 ) -> np.ndarray:
-    """uint8 images [N, C, H, W] -> one uint8 grid [H', W', C] (C = 1 or 3), rows of ``nrow``."""
-    a = np.asarray(images)
-    if a.dtype != np.uint8:
-        raise ValueError(f"make_grid takes uint8 images, got {a.dtype}")
-    n, c, h, w = a.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        y, x = divmod(i, nrow)
-        top, left = pad + y * (h + pad), pad + x * (w + pad)
-        grid[top : top + h, left : left + w] = a[i].transpose(1, 2, 0)
-    return grid
+    """uint8 images [N, C, H, W] -> one uint8 grid [H', W', 3], ``nrow`` images a row
+    (default: a square), each enlarged ``scale`` times (nearest) with a black border."""
+    from torchvision.utils import make_grid as tv_grid
+
+    x = _tensor(images)
+    if scale > 1:
+        x = F.interpolate(x.float(), scale_factor=scale, mode="nearest").to(torch.uint8)
+    nrow = nrow or int(np.ceil(np.sqrt(len(x))))
+    grid = tv_grid(x, nrow=nrow, padding=max(1, scale // 2), pad_value=0)  # [3, H', W']
+    return grid.permute(1, 2, 0).contiguous().numpy()
 
 
 def grid_png(images: torch.Tensor | np.ndarray, nrow: int | None = None, scale: int = 1) -> bytes:
-    """PNG bytes of :func:`make_grid`, optionally enlarged ``scale`` times (nearest)."""
-    g = make_grid(images, nrow)
-    img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    """PNG bytes of :func:`make_grid`."""
+    from torchvision.utils import save_image
+
+    grid = torch.from_numpy(make_grid(images, nrow, scale)).permute(2, 0, 1).float() / 255
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    save_image(grid, buf, format="PNG")
     return buf.getvalue()
+
+
+def stage_pictures(model, sampler, count: int = 64, seed: int = 0) -> dict[str, bytes]:
+    """``samples.png`` (``count`` samples of the model's last stage) and ``chain.png`` (eight
+    coarse-to-fine chains, one per row, noise on the left), enlarged to >= 64 pixels."""
+    from .sampling import chain_frames, draw
+
+    scale = max(1, 64 // model.resolution())
+    frames = chain_frames(model, sampler, seed=seed)  # [chains, T, C, R, R]
+    chains, t = frames.shape[:2]
+    return {
+        "samples.png": grid_png(draw(model, sampler, count, seed=seed), scale=scale),
+        "chain.png": grid_png(frames.reshape(chains * t, *frames.shape[2:]), nrow=t, scale=scale),
+    }

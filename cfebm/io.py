@@ -39,6 +39,11 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def isdir(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.isdir(path)
+
+
 def read_bytes(url: str) -> bytes:
     """All bytes of ``url``; a missing object raises ``FileNotFoundError`` naming it."""
     fs, path = fs_and_path(url)

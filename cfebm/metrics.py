@@ -348,6 +348,31 @@ def inception_extractor(
     return Extractor(INCEPTION, local, 3, layer)
 
 
+EXTRACTORS = (DOMAIN, INCEPTION)
+
+
+def make_extractor(
+    kind: str,
+    *,
+    features: str | None = None,
+    inception_weights: str | None = None,
+    download: bool = True,
+) -> Extractor:
+    """The extractor of ``kind``: ``domain`` (the features stage's CNN, weights file
+    ``features``) or ``inception-v3-compat`` (weights from ``inception_weights``, else the
+    standard download when ``download``)."""
+    if kind == INCEPTION:
+        return inception_extractor(inception_weights, download=download)
+    if kind == DOMAIN:
+        if not features:
+            raise FeatureError(
+                "the domain extractor needs its weights file (written by `python -m "
+                "pipelines.features`)"
+            )
+        return domain_extractor(features)
+    raise ValueError(f"unknown feature extractor {kind!r}; choose from {EXTRACTORS}")
+
+
 # --- metrics ------------------------------------------------------------------------------
 
 

@@ -1,46 +1,61 @@
-"""The energy network that expands from coarse to fine (paper Sec. 3.1-3.2).
+"""The energy networks, one per coarse-to-fine stage (paper Sec. 3.1-3.2).
 
-One :class:`EnergyNet` holds every stage grown so far. The energy of stage t is the
-network read at resolution r_t: ``from_image[r_t]`` then the blocks r_t, r_t/2, ..., 8
-and the head at 4x4. Growing adds ``from_image`` and a block at the next finer
-resolution; all earlier weights are kept (warm start), only the new layers are fresh.
-
-During the fade after growing into stage s the input path is the Expand block::
+:class:`EnergyNet` is the energy E_t of one stage t: a ``from_image`` 1x1 conv at r_t,
+the blocks r_t, r_t/2, ..., 8 and a head at 4x4. During the fade after an expansion into
+stage s its input path is the Expand block::
 
     Expand(x) = beta * Primal(x) + (1 - beta) * Fade(x)
     Primal(x) = block[r_s](from_image[r_s](x))
     Fade(x)   = from_image[r_{s-1}](avgpool2(x))
 
-whose output feeds the blocks of stage s-1, so with beta = 0,
+whose output feeds the blocks shared with stage s-1, so with beta = 0,
 E_s(x) == E_{s-1}(avgpool2(x)) exactly.
+
+:class:`CoarseToFineEBM` holds the energies of every stage trained so far, each its own
+network: at a transition the finished network is copied and grown (:func:`warm_start`)
+and then frozen, so E_t stays exactly as stage t left it and samples r_t in every later
+chain; only the newest network is optimised (the authors' final release does the same).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .layers import EqConv2d, EqLinear, make_activation
+
+
+def _layer_kw(cfg: ModelConfig, kind: str) -> dict:
+    """Parametrisation of a layer of ``kind``: "conv" (the 3x3/4x4 convs) or "io" (input,
+    skip and output layers)."""
+    if cfg.network == "release":
+        if kind == "conv":
+            return dict(equalized=False, spectral=True, init="torch")
+        return dict(equalized=True, spectral=False)
+    return dict(equalized=cfg.equalized_lr, spectral=cfg.spectral_norm)
 
 
 class Block(nn.Module):
     """Resolution r -> r/2: conv3x3 - act - conv3x3 - avgpool - act, plus a residual
     1x1 conv + avgpool, summed and scaled by 1/sqrt(2).
 
-    The pool sits between the second conv and its activation (as in progressive-growing
-    discriminators), which makes conv3x3 + pool one 4x4 stride-2 conv in the sampler.
+    The pool sits between the second conv and its activation (as in the release), which
+    makes conv3x3 + pool one 4x4 stride-2 conv in the sampler. The first conv keeps the
+    input width (compact) or maps straight to the output width (release).
     """
 
     def __init__(self, in_ch: int, out_ch: int, cfg: ModelConfig):
         super().__init__()
-        kw = dict(equalized=cfg.equalized_lr, spectral=cfg.spectral_norm)
-        self.conv1 = EqConv2d(in_ch, in_ch, 3, padding=1, **kw)
-        self.conv2 = EqConv2d(in_ch, out_ch, 3, padding=1, **kw)
-        self.skip = EqConv2d(in_ch, out_ch, 1, bias=False, **kw)
+        mid = out_ch if cfg.network == "release" else in_ch
+        conv, io = _layer_kw(cfg, "conv"), _layer_kw(cfg, "io")
+        self.conv1 = EqConv2d(in_ch, mid, 3, padding=1, **conv)
+        self.conv2 = EqConv2d(mid, out_ch, 3, padding=1, **conv)
+        self.skip = EqConv2d(in_ch, out_ch, 1, bias=cfg.network == "release", **io)
         self.act = make_activation(cfg.activation)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -55,10 +70,10 @@ class Head(nn.Module):
 
     def __init__(self, ch: int, cfg: ModelConfig):
         super().__init__()
-        kw = dict(equalized=cfg.equalized_lr, spectral=cfg.spectral_norm)
-        self.conv1 = EqConv2d(ch, ch, 3, padding=1, **kw)
-        self.conv2 = EqConv2d(ch, ch, 4, padding=0, **kw)
-        self.linear = EqLinear(ch, 1, **kw)
+        conv = _layer_kw(cfg, "conv")
+        self.conv1 = EqConv2d(ch, ch, 3, padding=1, **conv)
+        self.conv2 = EqConv2d(ch, ch, 4, padding=0, **conv)
+        self.linear = EqLinear(ch, 1, **_layer_kw(cfg, "io"))
         self.act = make_activation(cfg.activation)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -72,50 +87,31 @@ def _res_key(r: int) -> str:
 
 
 class EnergyNet(nn.Module):
-    """E(x) for images in [-1, 1], grown to ``stage`` (0 <= stage < cfg.num_stages)."""
+    """E_t(x) of stage ``stage`` for images x [B, C, r_t, r_t] in [-1, 1]."""
 
     def __init__(self, cfg: ModelConfig, stage: int = 0):
         super().__init__()
-        self.cfg = cfg
-        self.from_image = nn.ModuleDict()
+        if cfg.channels is None:
+            raise ConfigError("model.channels is not set: fill it from the data first")
+        if not 0 <= stage < cfg.num_stages:
+            raise ValueError(f"stage {stage} not in 0..{cfg.num_stages - 1} of {cfg.resolutions}")
+        self.cfg, self.stage = cfg, stage
+        r = cfg.resolutions[stage]
+        self.from_image = nn.ModuleDict({_res_key(r): self._make_from_image(r)})
+        if stage > 0:  # the fade path reads the coarser stage's input conv
+            self.from_image[_res_key(r // 2)] = self._make_from_image(r // 2)
         self.blocks = nn.ModuleDict()
-        # Blocks from the coarsest stage's resolution down to 8 belong to stage 0.
-        r = cfg.resolutions[0]
-        self.from_image[_res_key(r)] = self._make_from_image(r)
         while r > 4:
             self.blocks[_res_key(r)] = Block(cfg.width(r), cfg.width(r // 2), cfg)
             r //= 2
         self.head = Head(cfg.width(4), cfg)
-        self.stage = 0
-        for _ in range(stage):
-            self.grow()
 
     def _make_from_image(self, r: int) -> EqConv2d:
-        return EqConv2d(
-            self.cfg.channels,
-            self.cfg.width(r),
-            1,
-            equalized=self.cfg.equalized_lr,
-            spectral=self.cfg.spectral_norm,
-        )
+        return EqConv2d(self.cfg.channels, self.cfg.width(r), 1, **_layer_kw(self.cfg, "io"))
 
-    def resolution(self, stage: int | None = None) -> int:
-        return self.cfg.resolutions[self.stage if stage is None else stage]
-
-    def grow(self) -> None:
-        """Expand to the next finer stage: fresh ``from_image`` and block at r_{s+1}."""
-        if self.stage + 1 >= self.cfg.num_stages:
-            raise ValueError(
-                f"cannot grow past the last stage ({self.cfg.num_stages - 1}); "
-                f"resolutions are {self.cfg.resolutions}"
-            )
-        self.stage += 1
-        r = self.resolution()
-        device = self.head.linear.weight.device
-        self.from_image[_res_key(r)] = self._make_from_image(r).to(device)
-        self.blocks[_res_key(r)] = Block(self.cfg.width(r), self.cfg.width(r // 2), self.cfg).to(
-            device
-        )
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolutions[self.stage]
 
     def trunk(self, h: torch.Tensor, r: int) -> torch.Tensor:
         """Blocks r, r/2, ..., 8 then the head: features at resolution r -> energies [B]."""
@@ -124,16 +120,13 @@ class EnergyNet(nn.Module):
             r //= 2
         return self.head(h)
 
-    def forward(self, x: torch.Tensor, stage: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """Energies [B] of images x [B, C, r_t, r_t] under stage t (default: current)."""
-        t = self.stage if stage is None else stage
-        if not 0 <= t <= self.stage:
-            raise ValueError(f"stage {t} not grown (model is at stage {self.stage})")
-        r = self.resolution(t)
+    def forward(self, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """Energies [B] of x [B, C, r_t, r_t]; ``beta`` < 1 mixes in the fade path."""
+        r = self.resolution
         if x.shape[-1] != r or x.shape[-2] != r:
-            raise ValueError(f"stage {t} takes {r}x{r} images, got {tuple(x.shape)}")
+            raise ValueError(f"stage {self.stage} takes {r}x{r} images, got {tuple(x.shape)}")
         h = self.from_image[_res_key(r)](x)
-        if t == 0:
+        if self.stage == 0 or r == 4:
             return self.trunk(h, r)
         primal = self.blocks[_res_key(r)](h)
         if beta >= 1.0:
@@ -141,18 +134,87 @@ class EnergyNet(nn.Module):
         fade = self.from_image[_res_key(r // 2)](F.avg_pool2d(x, 2))
         return self.trunk(beta * primal + (1.0 - beta) * fade, r // 2)
 
+
+def warm_start(previous: EnergyNet) -> EnergyNet:
+    """The network of the next stage: every layer it shares with ``previous`` (its blocks,
+    head and input conv, now the fade path) copied exactly; the new block and input conv at
+    the finer resolution fresh."""
+    net = EnergyNet(previous.cfg, previous.stage + 1).to(next(previous.parameters()).device)
+    shared = {k: v for k, v in previous.state_dict().items() if k in net.state_dict()}
+    missing, _ = net.load_state_dict(shared, strict=False)
+    r = net.resolution
+    new = (f"from_image.{_res_key(r)}.", f"blocks.{_res_key(r)}.")
+    assert all(k.startswith(new) for k in missing), missing
+    return net
+
+
+class CoarseToFineEBM(nn.Module):
+    """The energies E_0, ..., E_s of a model trained up to stage s, one network each.
+
+    ``nets[t]`` is stage t's own network. Those of finished stages (t < s) are frozen: no
+    gradients, always in evaluation mode, never changed; ``current`` (stage s) is the one
+    being trained.
+    """
+
+    def __init__(self, cfg: ModelConfig, stage: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.nets = nn.ModuleList([EnergyNet(cfg, t) for t in range(stage + 1)])
+        self._freeze_finished()
+
+    @property
+    def stage(self) -> int:
+        return len(self.nets) - 1
+
+    @property
+    def current(self) -> EnergyNet:
+        return self.nets[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.current.head.linear.weight.device
+
+    def resolution(self, stage: int | None = None) -> int:
+        return self.cfg.resolutions[self.stage if stage is None else stage]
+
+    def grow(self) -> None:
+        """Freeze the current stage's network and add the next stage's (warm-started)."""
+        if self.stage + 1 >= self.cfg.num_stages:
+            raise ValueError(
+                f"cannot grow past the last stage ({self.cfg.num_stages - 1}); "
+                f"resolutions are {self.cfg.resolutions}"
+            )
+        self.nets.append(warm_start(self.current))
+        self._freeze_finished()
+
+    def _freeze_finished(self) -> None:
+        for net in self.nets[:-1]:
+            net.requires_grad_(False)
+            net.eval()
+
+    def train(self, mode: bool = True) -> CoarseToFineEBM:
+        """Training mode applies to the current stage's network only."""
+        self.training = mode
+        self.current.train(mode)
+        for net in self.nets[:-1]:
+            net.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, stage: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """Energies [B] of x [B, C, r_t, r_t] under stage t's network (default: current);
+        ``beta`` applies to the current stage only (finished stages ended at beta = 1)."""
+        t = self.stage if stage is None else stage
+        if not 0 <= t <= self.stage:
+            raise ValueError(f"stage {t} not trained (model is at stage {self.stage})")
+        return self.nets[t](x, beta if t == self.stage else 1.0)
+
     @classmethod
-    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> EnergyNet:
-        """Rebuild a model at the stage its state dict was saved at."""
-        stage = sum(1 for k in state if k.startswith("from_image.") and k.endswith(".weight")) - 1
-        model = cls(cfg, stage=stage)
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> CoarseToFineEBM:
+        """Rebuild a model from its state dict (its stage is the number of networks)."""
+        nets = {k.split(".", 2)[1] for k in state if k.startswith("nets.")}
+        model = cls(cfg, stage=len(nets) - 1)
         model.load_state_dict(state)
         return model
 
-
-def warm_start(previous: EnergyNet) -> EnergyNet:
-    """A copy of ``previous`` grown by one stage: shared weights copied exactly, new ones fresh."""
-    model = EnergyNet(previous.cfg, stage=previous.stage).to(previous.head.linear.weight.device)
-    model.load_state_dict(previous.state_dict())
-    model.grow()
-    return model
+    def copy(self) -> CoarseToFineEBM:
+        return copy.deepcopy(self)

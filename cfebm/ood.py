@@ -1,5 +1,5 @@
 """Out-of-distribution detection with the energy as the score (the paper's OOD
-experiments; METHOD.md, "Uses of the trained energy").
+experiments; docs/method.md, "Uses of the trained energy").
 
 A trained EBM gives in-distribution images low energy, so E(x) itself is the score: AUROC of
 the in-distribution test split against each out-of-distribution set, where an OOD image
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .frozen import FrozenEnergy
 from .langevin import Energy
-from .model import EnergyNet
+from .model import CoarseToFineEBM
 
 BUILTIN_SETS = ("uniform", "constant", "interpolation")
 MEAN = "mean"
@@ -35,7 +35,7 @@ MEAN = "mean"
 
 @torch.no_grad()
 def energy_scores(
-    model: EnergyNet | Energy,
+    model: CoarseToFineEBM | Energy,
     images: torch.Tensor,
     *,
     batch_size: int = 256,
@@ -43,11 +43,12 @@ def energy_scores(
 ) -> torch.Tensor:
     """Energies [N] (float64, CPU) of ``images`` [N, C, r, r] in batches; higher = more OOD.
 
-    ``model`` is an EnergyNet (scored with the frozen energy of ``stage``, default its
-    finest) or any energy callable.
+    ``model`` is a CoarseToFineEBM (scored with the frozen energy of ``stage``'s own
+    network, default its finest) or any energy callable.
     """
-    if isinstance(model, EnergyNet):
-        energy, device = FrozenEnergy(model, stage), model.head.linear.weight.device
+    if isinstance(model, CoarseToFineEBM):
+        t = model.stage if stage is None else stage
+        energy, device = FrozenEnergy(model.nets[t]), model.device
     else:
         energy, device = model, images.device
     out = [

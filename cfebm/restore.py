@@ -1,25 +1,34 @@
 """Restoration with a trained energy: denoising and inpainting by short-run Langevin
-(the paper's restoration experiments; METHOD.md, "Uses of the trained energy").
+(the paper's restoration experiments; docs/method.md, "Uses of the trained energy").
 
 Images are float tensors [N, C, H, W] in [-1, 1]. A corruption is a pure function of the
 clean images and a ``torch.Generator``; a mask is bool [N, 1, H, W] with True where a
 pixel is *missing*, which is also the pixel that Langevin moves (``sample_langevin``'s
 ``mask``), so known pixels are reset after every step and never change.
 
-Restoration runs at one stage's resolution (the finest by default), either through the
-energies of every stage from the coarsest, starting from the corrupted image's mean-pooled
-pyramid (``coarse_to_fine``, the way the model samples), or with that stage's energy
-alone. A short-run EBM's chain is tuned for synthesis from noise: run longer or with
-larger steps from an image, it drifts away from it (over-saturated strokes on digits). So
-:class:`ChainConfig` is separate from the training sampler, with fewer and smaller steps,
-and denoising can add the likelihood of the noisy image (``fidelity``).
+Two modes (:data:`MODES`):
+
+``prior`` (the paper's)
+    Langevin on the prior energy of the restored stage alone, started from the corrupted
+    image itself at that stage's resolution (the finest by default): K steps of
+    x <- x - eta dE_s/dx + noise. Inpainting moves only the missing pixels.
+``posterior``
+    Coarse to fine through every stage's energy, started from the corrupted image's mean
+    pooled pyramid, the way the model samples. Denoising adds the Gaussian likelihood of
+    the noisy image at every level (weight ``fidelity``), so the chain is Langevin on the
+    posterior p(x | y) rather than the prior; inpainting resets the known pixels after each
+    upsampling and each step.
+
+A short-run EBM's chain is tuned for synthesis from noise: run longer or with larger steps
+from an image, it drifts away from it. So :class:`ChainConfig` is separate from the
+training sampler, with fewer and smaller steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +36,10 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .frozen import FrozenEnergy, stage_energies
 from .langevin import Callback, Energy, sample_langevin, upsample2x
-from .model import EnergyNet
+from .model import CoarseToFineEBM
 from .schedules import get_noise_scales_linear, get_step_sizes_constant
 
+MODES = ("prior", "posterior")
 MASK_KINDS = ("centre", "pixels", "boxes")
 FILLS = ("noise", "zero", "mean")
 
@@ -173,7 +183,7 @@ def _check_fraction(fraction: float) -> None:
 
 def image_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """[x pooled (levels - 1) times, ..., x pooled once, x]: exact 2x2 mean pools, coarse first
-    (the data of stage s-1 is stage s's data pooled, METHOD.md "Model")."""
+    (the data of stage s-1 is stage s's data pooled)."""
     out = [x]
     for _ in range(levels - 1):
         out.insert(0, F.avg_pool2d(out[0], 2))
@@ -202,13 +212,14 @@ class FidelityEnergy:
 
 
 def restoration_energies(
-    model: EnergyNet, stage: int | None = None, coarse_to_fine: bool = True
+    model: CoarseToFineEBM, stage: int | None = None, mode: str = "prior"
 ) -> list[FrozenEnergy]:
-    """Frozen energies for restoration at ``stage`` (default: the finest): all stages up to it,
-    coarse first, for a coarse-to-fine chain; or only E_stage."""
+    """Frozen energies for restoration at ``stage`` (default: the finest): E_stage alone
+    (``prior``), or every stage's up to it, coarse first (``posterior``)."""
+    if mode not in MODES:
+        raise ConfigError(f"restore mode {mode!r} not in {MODES}")
     s = model.stage if stage is None else stage
-    first = 0 if coarse_to_fine else s
-    return stage_energies(model, s, first_stage=first)
+    return stage_energies(model, s, first_stage=0 if mode == "posterior" else s)
 
 
 def _check_resolution(energies: Sequence[Energy], x: torch.Tensor) -> None:
@@ -217,11 +228,11 @@ def _check_resolution(energies: Sequence[Energy], x: torch.Tensor) -> None:
         raise ValueError(f"the energy takes {r}x{r} images, got {tuple(x.shape)}")
 
 
-def _as_energies(model: EnergyNet | Sequence[Energy], stage, coarse_to_fine) -> list[Energy]:
-    if isinstance(model, EnergyNet):
-        return list(restoration_energies(model, stage, coarse_to_fine))
+def _as_energies(model: CoarseToFineEBM | Sequence[Energy], stage, mode) -> list[Energy]:
+    if isinstance(model, CoarseToFineEBM):
+        return list(restoration_energies(model, stage, mode))
     if stage is not None:
-        raise ValueError("stage applies to an EnergyNet, not to a list of energies")
+        raise ValueError("stage applies to a CoarseToFineEBM, not to a list of energies")
     return list(model)
 
 
@@ -264,44 +275,39 @@ def _restoration_chain(
 
 
 def denoise(
-    model: EnergyNet | Sequence[Energy],
+    model: CoarseToFineEBM | Sequence[Energy],
     noisy: torch.Tensor,
     chain: ChainConfig,
     *,
+    mode: str = "prior",
     noise_sigma: float = 0.0,
     fidelity: float = 0.0,
     stage: int | None = None,
-    coarse_to_fine: bool = True,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Denoising by Langevin started from the noisy image [N, C, r, r] (METHOD.md, "Uses").
+    """Denoising by Langevin started from the noisy image [N, C, r, r].
 
-    With ``fidelity`` = 0 the chain follows the prior energy alone, as in the paper; a
-    short-run EBM then drifts away from the image after a few steps, so a positive
-    ``fidelity`` adds the Gaussian likelihood of the known ``noise_sigma``: Langevin on
-    E(x) + fidelity / (2 s^2) ||x - y||^2. The weight is capped at 1 / step_size, where an
-    explicit step on the quadratic stops being a contraction.
-
-    ``coarse_to_fine``: start at the coarsest stage from the pooled noisy image (2x2 pooling
-    halves the noise std, s_t = noise_sigma / 2^(S - t)), run K steps per stage and upsample,
-    as the model's own sampler does; otherwise K steps of E_stage from the noisy image.
+    ``prior`` (the paper's): K steps of E_stage from the noisy image. ``posterior``: start
+    at the coarsest stage from the pooled noisy image (2x2 pooling halves the noise std,
+    s_t = noise_sigma / 2^(S - t)), run K steps per stage on
+    E_t(x) + fidelity / (2 s_t^2) ||x - y_t||^2 and upsample. The likelihood weight is capped
+    at 1 / step_size, where an explicit step on the quadratic stops being a contraction.
     ``model`` may also be a list of energies, coarse first, ending at the image resolution.
     """
-    energies = _as_energies(model, stage, coarse_to_fine)
+    energies = _as_energies(model, stage, mode)
     _check_resolution(energies, noisy)
-    if fidelity > 0 and not noise_sigma > 0:
-        raise ConfigError("denoise: fidelity > 0 needs the noise_sigma of the corruption")
     levels = len(energies)
-    weights = []
-    for i in range(levels):
-        s_t = noise_sigma / 2 ** (levels - 1 - i)
-        w = fidelity / s_t**2 if fidelity > 0 else 0.0
-        weights.append(min(w, 1.0 / chain.step_size))
-    targets = image_pyramid(noisy, levels)
+    weights = [0.0] * levels
+    if mode == "posterior" and fidelity > 0:
+        if not noise_sigma > 0:
+            raise ConfigError("denoise: fidelity > 0 needs the noise_sigma of the corruption")
+        for i in range(levels):
+            s_t = noise_sigma / 2 ** (levels - 1 - i)
+            weights[i] = min(fidelity / s_t**2, 1.0 / chain.step_size)
     return _restoration_chain(
         energies,
-        targets,
+        image_pyramid(noisy, levels),
         chain,
         masks=None,
         weights=weights,
@@ -311,25 +317,25 @@ def denoise(
 
 
 def inpaint(
-    model: EnergyNet | Sequence[Energy],
+    model: CoarseToFineEBM | Sequence[Energy],
     corrupted: torch.Tensor,
     mask: torch.Tensor,
     chain: ChainConfig,
     *,
+    mode: str = "prior",
     stage: int | None = None,
-    coarse_to_fine: bool = True,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Inpainting: Langevin that moves only the missing pixels (``mask`` True, [N, 1, r, r]);
-    the known pixels are reset after every step, so they come back bit for bit (METHOD.md).
+    the known pixels are reset after every step, so they come back bit for bit.
 
-    ``coarse_to_fine``: the chain starts at the coarsest stage from the pooled corrupted
-    image, where a coarse pixel is known when all its children are, and refines stage by
-    stage with the known pixels reset after each upsampling; otherwise K steps of E_stage
-    from the corrupted image. The coarse start is what the model's chain was trained for.
+    ``prior`` (the paper's): K steps of E_stage from the corrupted image. ``posterior``:
+    the chain starts at the coarsest stage from the pooled corrupted image, where a coarse
+    pixel is known when all its children are, and refines stage by stage with the known
+    pixels reset after each upsampling.
     """
-    energies = _as_energies(model, stage, coarse_to_fine)
+    energies = _as_energies(model, stage, mode)
     _check_resolution(energies, corrupted)
     levels = len(energies)
     return _restoration_chain(
@@ -343,89 +349,42 @@ def inpaint(
     )
 
 
-# --- quality -------------------------------------------------------------------------------
+# --- quality (torchmetrics) ----------------------------------------------------------------
 
 
-def _value_range(x: torch.Tensor, value_range: tuple[float, float] | None) -> tuple[float, float]:
-    if value_range is not None:
-        lo, hi = (float(v) for v in value_range)
-        if not hi > lo:
-            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-        return lo, hi
-    return (0.0, 255.0) if x.dtype == torch.uint8 else (-1.0, 1.0)
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], float64 (metrics are computed with data range 1)."""
+    return (x.double().clamp(-1, 1) + 1) / 2
 
 
-def psnr(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    value_range: tuple[float, float] | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image [N] in dB: 10 log10(L^2 / MSE).
+def psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image [N] in dB of images in [-1, 1] (torchmetrics;
+    peak = the full range). With ``mask`` (bool [N, 1, H, W]) over the masked pixels only.
+    Identical images give +inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    ``value_range`` (low, high) gives L = high - low; default (0, 255) for uint8 inputs and
-    (-1, 1) for floats (L = 2). With ``mask`` (bool, broadcastable to x) the MSE is over
-    the masked pixels only. Identical images give +inf.
-    """
-    lo, hi = _value_range(x, value_range)
-    d = (x.double() - y.double()) ** 2
+    a, b = _unit(x), _unit(y)
     if mask is None:
-        mse = d.flatten(1).mean(1)
-    else:
-        w = mask.expand_as(d).double()
-        mse = (d * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)
-    return 10 * torch.log10((hi - lo) ** 2 / mse)
+        return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    m = mask.expand_as(a)
+    return torch.stack(
+        [peak_signal_noise_ratio(a[i][m[i]], b[i][m[i]], data_range=1.0) for i in range(len(a))]
+    )
 
 
-def gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 2-D Gaussian window [size, size] (float64)."""
-    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(t**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image [N] (Wang et al. 2004; torchmetrics, Gaussian window
+    of sigma 1.5, 11 wide or the largest odd size that fits small images) of images in
+    [-1, 1], measured on the [0, 1] range."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-
-def ssim(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    value_range: tuple[float, float] | None = None,
-    window_size: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
-    """Structural similarity per image [N] (Wang et al. 2004), Gaussian-weighted.
-
-    Local means, variances and covariance under a ``window_size`` Gaussian window
-    (sigma 1.5) at every position where the window fits inside the image ("valid"), per
-    channel; SSIM is the mean of the map over positions and channels. The window shrinks
-    to the largest odd size that fits small images (8x8 -> 7).
-
-    SSIM's luminance term is defined for intensities in [0, L], not shift-invariant, so
-    the images are shifted by ``value_range``'s low end first (default (0, 255) for uint8,
-    (-1, 1) for floats): a [-1, 1] image scores as its uint8 version does.
-    """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim takes two [N, C, H, W] tensors, got {x.shape} and {y.shape}")
-    lo, hi = _value_range(x, value_range)
-    L = hi - lo
-    n, c, h, w = x.shape
-    size = min(window_size, h, w)
+    size = min(11, x.shape[-1], x.shape[-2])
     size -= 1 - size % 2  # odd
-    win = gaussian_window(size, sigma).to(x.device).expand(c, 1, size, size)
-    x, y = x.double() - lo, y.double() - lo
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, win, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * L) ** 2, (k2 * L) ** 2
-    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    return (num / den).flatten(1).mean(1)
+    return structural_similarity_index_measure(
+        _unit(x), _unit(y), data_range=1.0, kernel_size=size, sigma=1.5, reduction="none"
+    )
 
 
 # --- one evaluation over a batch of clean images -------------------------------------------
@@ -435,11 +394,15 @@ def ssim(
 class RestoreConfig:
     """What :func:`evaluate_restoration` does: the ``restore`` stage's algorithm settings."""
 
+    mode: str = "prior"
+    """``prior``: the paper's restoration, Langevin on the restored stage's energy alone
+    from the corrupted image; ``posterior``: coarse to fine through every stage, with the
+    noisy image's likelihood (``fidelity``) in denoising (see the module docs)."""
     noise_sigma: float = 0.3
     """Denoising: std of the added Gaussian noise, in the [-1, 1] scale."""
     fidelity: float = 0.1
-    """Denoising: likelihood weight (x s^-2) that keeps the chain near the noisy image;
-    0 runs the prior Langevin alone, as in the paper."""
+    """posterior denoising: likelihood weight (x s^-2) that keeps the chain near the noisy
+    image."""
     masks: tuple[str, ...] = MASK_KINDS
     """Inpainting masks to evaluate, from ``centre``, ``pixels``, ``boxes``."""
     mask_fraction: float = 0.25
@@ -450,9 +413,6 @@ class RestoreConfig:
     """``boxes``: side of each box as a share of the image side."""
     fill: str = "noise"
     """Initial value of the missing pixels: ``noise`` U[-1, 1] | ``zero`` | ``mean``."""
-    coarse_to_fine: bool = True
-    """Restore through every stage from the coarsest (the model's own chain) or only at the
-    image's stage."""
     denoise_chain: ChainConfig = field(default_factory=ChainConfig)
     """Denoising Langevin (a mapping in params: steps, step_size, noise_start, noise_end)."""
     inpaint_chain: ChainConfig = field(default_factory=ChainConfig)
@@ -461,8 +421,8 @@ class RestoreConfig:
     """Seeds the corruptions (noise, masks, fill) and the Langevin noise."""
 
     def __post_init__(self) -> None:
-        self.denoise_chain = _chain(self.denoise_chain, "denoise_chain")
-        self.inpaint_chain = _chain(self.inpaint_chain, "inpaint_chain")
+        if self.mode not in MODES:
+            raise ConfigError(f"restore.mode {self.mode!r} not in {MODES}")
         if isinstance(self.masks, str):
             self.masks = (self.masks,)
         self.masks = tuple(self.masks)
@@ -480,32 +440,10 @@ class RestoreConfig:
         if self.fill not in FILLS:
             raise ConfigError(f"restore.fill {self.fill!r} not in {FILLS}")
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> RestoreConfig:
-        values = dict(values or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown restore option(s): {', '.join(unknown)}")
-        return cls(**values)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["masks"] = list(self.masks)
         return d
-
-
-def _chain(value: ChainConfig | dict | None, name: str) -> ChainConfig:
-    """A ChainConfig from a params mapping (missing keys: the defaults)."""
-    if value is None:
-        return ChainConfig()
-    if isinstance(value, ChainConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"restore.{name} must be a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in fields(ChainConfig)})
-    if unknown:
-        raise ConfigError(f"unknown restore.{name} option(s): {', '.join(unknown)}")
-    return ChainConfig(**value)
 
 
 PSNR_CORRUPTED, PSNR_RESTORED = "psnr_corrupted", "psnr_restored"
@@ -551,7 +489,7 @@ def _mean_psnr(v: torch.Tensor) -> float:
 
 
 def evaluate_restoration(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     truth: torch.Tensor,
     cfg: RestoreConfig,
     *,
@@ -560,7 +498,7 @@ def evaluate_restoration(
 ) -> dict[str, Restoration]:
     """Denoise and inpaint (every mask of ``cfg``) the clean images ``truth`` [N, C, r_s, r_s];
     returns ``{"denoise": ..., "inpaint_<mask>": ...}``. Deterministic given ``cfg.seed``."""
-    energies = restoration_energies(model, stage, cfg.coarse_to_fine)
+    energies = restoration_energies(model, stage, cfg.mode)
     gen = torch.Generator().manual_seed(cfg.seed)
     out: dict[str, Restoration] = {}
     noisy = gaussian_noise(truth, cfg.noise_sigma, gen)
@@ -568,6 +506,7 @@ def evaluate_restoration(
         energies,
         noisy,
         cfg.denoise_chain,
+        mode=cfg.mode,
         noise_sigma=cfg.noise_sigma,
         fidelity=cfg.fidelity,
         generator=gen,
@@ -587,7 +526,9 @@ def evaluate_restoration(
             generator=gen,
         ).to(truth.device)
         corrupted = apply_mask(truth, mask, cfg.fill, gen)
-        restored = inpaint(energies, corrupted, mask, cfg.inpaint_chain, generator=gen)
+        restored = inpaint(
+            energies, corrupted, mask, cfg.inpaint_chain, mode=cfg.mode, generator=gen
+        )
         result = Restoration(
             corrupted, restored, truth, quality(truth, corrupted, restored, mask), mask
         )

@@ -1,14 +1,19 @@
-"""Sampling from a trained (or training) model: the coarse-to-fine chain up to a stage."""
+"""Sampling from a trained (or training) model: the coarse-to-fine chain up to a stage,
+batched draws, and the chain's snapshots for people to look at."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import SamplerConfig
-from .frozen import stage_energies
-from .langevin import Callback, sample_coarse_to_fine
-from .model import EnergyNet
-from .schedules import chain_schedules
+from .frozen import FrozenEnergy, stage_energies
+from .langevin import Callback, Energy, sample_coarse_to_fine, sample_langevin
+from .model import CoarseToFineEBM
+from .schedules import chain_schedules, get_noise_scales_linear, get_step_sizes_constant
 
 
 def uniform_noise(
@@ -20,7 +25,7 @@ def uniform_noise(
 
 
 def sample(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     n: int,
     cfg: SamplerConfig,
     *,
@@ -30,15 +35,33 @@ def sample(
     x_init: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     callback: Callback | None = None,
+    energies: Sequence[Energy] | None = None,
 ) -> torch.Tensor:
     """n samples [n, C, r_s, r_s] in [-1, 1] from stage s (default: the model's current).
 
     Chains start from uniform noise at the coarsest resolution, or from ``x_init`` (e.g.
     source-domain images for translation) at whichever stage resolution it has; they then
-    run K steps per stage up to s, the last stage at fade coefficient ``beta``.
+    run K steps per stage up to s, each stage t with its own frozen energy E_t, the current
+    stage at fade coefficient ``beta``. ``energies`` (E_0..E_s, as :func:`stage_energies`
+    builds them) saves rebuilding them when the caller keeps them. With
+    ``cfg.coarse_to_fine`` false, chains start from noise at r_s and run (s + 1) K steps of
+    E_s alone.
     """
     s = model.stage if stage is None else stage
-    device = model.head.linear.weight.device
+    device = model.device
+    if not cfg.coarse_to_fine:
+        energy = energies[-1] if energies else FrozenEnergy(model.nets[s], beta, dtype)
+        x = uniform_noise(n, model.cfg.channels, model.resolution(s), generator, device)
+        k = cfg.steps * (s + 1)
+        return sample_langevin(
+            energy,
+            x if x_init is None else x_init.to(device),
+            get_step_sizes_constant(k, cfg.step_size),
+            _single_chain_noise(cfg, k),
+            generator=generator,
+            clamp=(-1.0, 1.0) if cfg.clamp else None,
+            callback=callback,
+        )
     if x_init is None:
         first = 0
         x = uniform_noise(n, model.cfg.channels, model.resolution(0), generator, device)
@@ -51,7 +74,10 @@ def sample(
             )
         first = model.cfg.resolutions.index(r)
         x = x_init.to(device)
-    energies = stage_energies(model, s, beta, dtype, first_stage=first)
+    if energies is None:
+        energies = stage_energies(model, s, beta, dtype, first_stage=first)
+    else:
+        energies = list(energies)[first : s + 1]
     steps, noise = chain_schedules(cfg, len(energies))
     return sample_coarse_to_fine(
         energies,
@@ -65,6 +91,70 @@ def sample(
     )
 
 
+def _single_chain_noise(cfg: SamplerConfig, k: int) -> torch.Tensor:
+    if cfg.noise_schedule == "constant":
+        return torch.full((k,), float(cfg.noise_start), dtype=torch.float64)
+    return get_noise_scales_linear(k, cfg.noise_start, cfg.noise_end)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> uint8 [0, 255] (round to nearest)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def draw(
+    model: CoarseToFineEBM,
+    sampler: SamplerConfig,
+    num: int,
+    *,
+    batch: int = 256,
+    seed: int = 0,
+    stage: int | None = None,
+    beta: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    progress=None,
+) -> np.ndarray:
+    """``num`` uint8 samples [N, C, r, r] of ``stage``, in batches of ``batch`` chains;
+    fixed by ``seed`` (the same seed gives the same images for any batch split of the
+    same size). ``progress(done, total)`` is called after each batch."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    energies = stage_energies(model, stage, beta, dtype)
+    out = []
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        x = sample(model, n, sampler, stage=stage, beta=beta, generator=gen, energies=energies)
+        out.append(to_uint8(x).cpu().numpy())
+        if progress is not None:
+            progress(start + n, num)
+    return np.concatenate(out)
+
+
+def chain_frames(
+    model: CoarseToFineEBM,
+    sampler: SamplerConfig,
+    chains: int = 8,
+    per_stage: int = 4,
+    seed: int = 0,
+    beta: float = 1.0,
+) -> np.ndarray:
+    """Snapshots of ``chains`` coarse-to-fine chains: uint8 [chains, T, C, R, R].
+
+    Frame 0 is the uniform noise the chain starts from; then ``per_stage`` snapshots of
+    every stage's Langevin run (the last one is that stage's final state), all upsampled
+    (nearest) to the finest resolution R, so one row reads from coarse to fine.
+    """
+    device = model.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    start = model.resolution(0 if sampler.coarse_to_fine else model.stage)
+    x0 = uniform_noise(chains, model.cfg.channels, start, gen, device)
+    keep = {round(sampler.steps * j / per_stage) - 1 for j in range(1, per_stage)}
+    frames = [x0]
+
+    def callback(d: dict) -> None:
+        if d["k"] == -1 or d["k"] in keep:
+            frames.append(d["x"].detach().clone())
+
+    sample(model, chains, sampler, beta=beta, generator=gen, x_init=x0, callback=callback)
+    size = model.resolution()
+    up = [F.interpolate(f.float(), size=(size, size), mode="nearest") for f in frames]
+    return to_uint8(torch.stack(up, dim=1)).cpu().numpy()  # [chains, T, C, R, R]

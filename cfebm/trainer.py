@@ -1,28 +1,34 @@
-"""Training: one contrastive step (:func:`train_step`) and a plain single-process
-:class:`Trainer` over in-memory images.
+"""Training state and one contrastive step: the :class:`Trainer`.
 
-The Ray layer in ``pipelines/`` wraps the same :func:`train_step` with a DDP model and a
-data shard per worker; everything a resume needs is in :meth:`Trainer.state_dict`.
+A Trainer holds everything one worker needs to continue a coarse-to-fine run exactly:
+the model (every stage's network, the finished ones frozen), the optimizer of the current
+stage's network, the data order, the RNG states, the counters, the replay buffer of
+persistent chains and the best evaluation so far. :func:`cfebm.loop.train_stage` drives
+it; the Ray Train worker, the Tune trial and the translator training are adapters around
+that one loop.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import CFEBMConfig, TrainConfig, from_dict, to_dict
-from .model import EnergyNet, warm_start
+from .config import CFEBMConfig, ConfigError, TrainConfig, from_dict, to_dict
+from .flops import energy_grad_flops, loss_step_flops
+from .frozen import FrozenEnergy, stage_energies
+from .model import CoarseToFineEBM
 from .objective import contrastive_loss, divergence
-from .sampling import sample
+from .sampling import sample, uniform_noise
 from .schedules import fade_beta
 
-CHECKPOINT_FORMAT = "cfebm-checkpoint/1"
+CHECKPOINT_FORMAT = "cfebm-checkpoint/2"
 
 
 class DivergenceError(RuntimeError):
@@ -44,11 +50,24 @@ class StepResult:
     diverged: str | None = None
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, resolution: int):
+@dataclass
+class TrainState:
+    stage: int = 0
+    stage_images: int = 0
+    """Images trained on in the current stage (drives beta); global over workers."""
+    step: int = 0
+    """Optimizer steps in the current stage."""
+    total_images: int = 0
+    rollbacks: int = 0
+    """Divergences of the current stage rolled back so far."""
+    flops: float = 0.0
+    """Compute spent by the whole run so far (all stages, all workers), in FLOPs."""
+
+
+def make_optimizer(net: torch.nn.Module, train: TrainConfig, resolution: int):
     """Adam(betas 0.5, 0.999) at the learning rate of ``resolution`` (release settings)."""
-    return torch.optim.Adam(
-        model.parameters(), lr=train.lr_for(resolution), betas=tuple(train.adam_betas)
-    )
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=train.lr_for(resolution), betas=tuple(train.adam_betas))
 
 
 def prepare_batch(
@@ -73,43 +92,32 @@ def _mean_across_workers(values: list[float], device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def train_step(
+def contrastive_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     x_data: torch.Tensor,
-    cfg: CFEBMConfig,
-    *,
+    x_sample: torch.Tensor,
+    train: TrainConfig,
     beta: float,
-    generator: torch.Generator | None,
-    base_model: EnergyNet | None = None,
-    x_init: torch.Tensor | None = None,
 ) -> StepResult:
-    """One maximum-likelihood step at the model's current stage.
-
-    Negatives come from the coarse-to-fine chain through the frozen energies of all stages
-    <= s (of ``base_model``, the unwrapped network, so no DDP hook fires while sampling);
-    the loss forward goes through ``model`` (DDP-wrapped or not). A diverged step (NaN,
-    inf, or magnitudes above the threshold, averaged over workers) is not stepped.
-    ``x_init`` starts the chains from given images (e.g. the source domain, for one-sided
-    translation, paper Sec. 3.4) instead of uniform noise.
-    """
-    base = base_model if base_model is not None else model
-    device = x_data.device
+    """One maximum-likelihood step on data and negatives (paper Eq. 2) through ``model``
+    (the current stage's network, DDP-wrapped or not). A diverged step (NaN, inf, or
+    magnitudes above the threshold, averaged over workers) is not stepped."""
     n = x_data.shape[0]
-    x_sample = sample(base, n, cfg.sampler, beta=beta, generator=generator, x_init=x_init)
     energies = model(torch.cat([x_data, x_sample]), beta=beta)  # [2B]
     e_data, e_sample = energies[:n], energies[n:]
-    loss = contrastive_loss(e_data, e_sample, cfg.train.energy_penalty)
+    loss = contrastive_loss(e_data, e_sample, train.energy_penalty)
     stats = _mean_across_workers(
-        [loss.item(), e_data.mean().item(), e_sample.mean().item()], device
+        [loss.item(), e_data.mean().item(), e_sample.mean().item()], x_data.device
     )
-    reason = divergence(*stats, cfg.train.divergence_threshold)
+    reason = divergence(*stats, train.divergence_threshold)
     optimizer.zero_grad(set_to_none=True)
     grad_norm = float("nan")
     if reason is None:
         loss.backward()
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
             reason = f"gradient norm is {grad_norm}"
             optimizer.zero_grad(set_to_none=True)
@@ -147,16 +155,6 @@ class EpochBatches:
         self.perm, self.pos = state["perm"].clone(), int(state["pos"])
 
 
-@dataclass
-class TrainState:
-    stage: int = 0
-    stage_images: int = 0
-    """Images trained on in the current stage (drives beta); global over workers."""
-    step: int = 0
-    """Optimizer steps in the current stage."""
-    total_images: int = 0
-
-
 def _numpy_state_plain() -> tuple:
     # Plain Python types, so checkpoints load with torch.load(weights_only=True).
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -183,17 +181,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Trainer:
-    """Coarse-to-fine training in one process on in-memory images.
+def _channels_of(data: Mapping[int, torch.Tensor]) -> int:
+    return int(next(iter(data.values())).shape[1])
 
-    ``data`` maps each stage resolution to its images [N, C, r, r] in the [0, 255] scale
-    (uint8 or float32, as the pyramid stores them). ``world_size`` counts images for beta
-    when the same trainer runs on several data-parallel workers; ``wrap_model`` (e.g.
-    DDP) wraps the network for the loss forward and is re-applied after every growth,
-    while sampling always uses the unwrapped ``model``. With ``source`` (images per
-    resolution, like ``data``) the negative chains start from source images at the stage's
-    resolution instead of noise: the model learns the data domain while its short-run
-    chain becomes a translator from the source domain (paper Sec. 3.4).
+
+class Trainer:
+    """Coarse-to-fine training state of one worker, over in-memory images.
+
+    ``data`` maps stage resolutions to images [N, C, r, r] in the [0, 255] scale (uint8 or
+    float32, as the pyramid stores them); only the resolutions of the stages this trainer
+    runs are needed. A ``cfg.model.channels`` of None is filled in from the data.
+    ``world_size`` counts images for beta when the same trainer runs on several
+    data-parallel workers; ``wrap_model`` (e.g. DDP) wraps the current stage's network
+    for the loss forward and is re-applied after every growth, while sampling always uses
+    the frozen, unwrapped energies. With ``source`` (images per resolution, like ``data``)
+    the negative chains start from source images at the stage's resolution instead of
+    noise: the model learns the data domain while its short-run chain becomes a translator
+    from the source domain (paper Sec. 3.4).
     """
 
     def __init__(
@@ -202,44 +206,59 @@ class Trainer:
         data: Mapping[int, torch.Tensor],
         device: str | torch.device = "cpu",
         *,
-        model: EnergyNet | None = None,
+        model: CoarseToFineEBM | None = None,
         world_size: int = 1,
         rank: int = 0,
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         source: Mapping[int, torch.Tensor] | None = None,
     ):
+        if cfg.model.channels is None:
+            cfg = replace(cfg, model=cfg.model.with_channels(_channels_of(data)))
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
         self.source = source
-        self.world_size = world_size
+        self.world_size, self.rank = world_size, rank
         self.wrap_model = wrap_model
         torch.manual_seed(cfg.train.seed + 1000 * rank)
-        self.model = model if model is not None else EnergyNet(cfg.model)
+        self.model = model if model is not None else CoarseToFineEBM(cfg.model)
         self.model.to(self.device).train()
         self.state = TrainState(stage=self.model.stage)
+        self.best: dict | None = None
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(
             cfg.train.seed * 104729 + rank
         )
         self._begin_stage()
 
+    # --- the stage ------------------------------------------------------------------------
+
     @property
     def resolution(self) -> int:
         return self.model.resolution()
 
     @property
+    def stage_budget(self) -> int:
+        """Images this stage trains on (``TrainConfig.images_for``)."""
+        return self.cfg.train.images_for(self.resolution)
+
+    @property
     def stage_done(self) -> bool:
-        return self.state.stage_images >= self.cfg.train.stage_images(self.state.stage)
+        return self.state.stage_images >= self.stage_budget
 
     @property
     def beta(self) -> float:
         return fade_beta(self.state.stage_images, self.cfg.train.fade_images, self.state.stage)
 
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def _begin_stage(self) -> None:
         r = self.resolution
         if r not in self.data:
             raise ValueError(f"no training images at resolution {r} (have {sorted(self.data)})")
-        self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
-        self.optimizer = make_optimizer(self.model, self.cfg.train, r)
+        current = self.model.current
+        self.train_model = self.wrap_model(current) if self.wrap_model else current
+        self.optimizer = make_optimizer(current, self.cfg.train, r)
         batch = self.cfg.train.batch_for(r)
         self.batches = EpochBatches(self.data[r], batch, self.data_gen)
         self.source_batches = None
@@ -247,29 +266,98 @@ class Trainer:
             if r not in self.source:
                 raise ValueError(f"no source images at resolution {r} (have {sorted(self.source)})")
             self.source_batches = EpochBatches(self.source[r], batch, self.data_gen)
+        share = self.cfg.train.replay.get(r, 0.0)
+        self.replay = None
+        if share > 0:
+            c = self.cfg.model.channels
+            buffer = self.cfg.train.replay_buffer
+            self.replay = uniform_noise(buffer, c, r, self.sample_gen, self.device)
+        self._refresh_energies()
+
+    def _refresh_energies(self) -> None:
+        """Frozen energies of the finished stages (built once per stage) and FLOP counts."""
+        self.coarse = stage_energies(self.model, self.model.stage - 1) if self.model.stage else []
+        c, s = self.cfg.model.channels, self.model.stage
+        self._grad_flops = [
+            energy_grad_flops(e, (c, e.resolution, e.resolution), self.device)
+            for e in [*self.coarse, FrozenEnergy(self.model.current)]
+        ]
+        r = self.model.resolution(s)
+        self._loss_flops = loss_step_flops(self.model.current, (c, r, r))
 
     def advance_stage(self) -> None:
-        """Grow into the next stage (warm start) with a fresh optimizer at its lr."""
-        self.model = warm_start(self.model)
-        self.model.train()
-        self.state = TrainState(stage=self.model.stage, total_images=self.state.total_images)
+        """Freeze the current stage and grow into the next one (warm start), with a fresh
+        optimizer at its learning rate."""
+        self.model.grow()
+        self.model.to(self.device).train()
+        self.state = replace(
+            TrainState(stage=self.model.stage),
+            total_images=self.state.total_images,
+            flops=self.state.flops,
+        )
+        self.best = None
         self._begin_stage()
 
-    def step(self) -> StepResult:
-        x = prepare_batch(self.batches.next(), self.cfg.train, self.data_gen).to(self.device)
+    # --- one step -------------------------------------------------------------------------
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch of training images, in the [0, 255] scale."""
+        return self.batches.next()
+
+    def negatives(self, n: int) -> torch.Tensor:
+        """n negative samples of the current model at its fade coefficient: coarse-to-fine
+        chains from noise (or source images), a share from the replay buffer."""
+        cfg = self.cfg
+        energies = [*self.coarse, FrozenEnergy(self.model.current, self.beta)]
         x_init = None
         if self.source_batches is not None:
             x_init = self.source_batches.next().float().to(self.device) / 127.5 - 1.0
-        result = train_step(
-            self.train_model,
-            self.optimizer,
-            x,
-            self.cfg,
+        k = 0 if self.replay is None else round(cfg.train.replay.get(self.resolution, 0.0) * n)
+        fresh = sample(
+            self.model,
+            n - k,
+            cfg.sampler,
             beta=self.beta,
             generator=self.sample_gen,
-            base_model=self.model,
-            x_init=x_init,
+            x_init=None if x_init is None else x_init[k:],
+            energies=energies,
         )
+        self._count_chain(n - k, 1 if x_init is not None else len(energies))
+        if k == 0:
+            return fresh
+        idx = torch.randint(len(self.replay), (k,), generator=self.sample_gen, device=self.device)
+        replayed = sample(
+            self.model,
+            k,
+            cfg.sampler,
+            beta=self.beta,
+            generator=self.sample_gen,
+            x_init=self.replay[idx],
+            energies=energies,
+        )
+        self._count_chain(k, 1)
+        self.replay[idx] = replayed
+        slots = torch.randint(len(self.replay), (n - k,), generator=self.sample_gen)
+        self.replay[slots.to(self.device)] = fresh
+        return torch.cat([replayed, fresh])
+
+    def _count_chain(self, n: int, stages: int) -> None:
+        k = self.cfg.sampler.steps
+        if not self.cfg.sampler.coarse_to_fine:
+            flops = self._grad_flops[-1] * k * (self.model.stage + 1)
+        else:
+            flops = sum(self._grad_flops[-stages:]) * k
+        self.state.flops += flops * n * self.world_size
+
+    def step(self, batch: torch.Tensor | None = None) -> StepResult:
+        """One contrastive step on ``batch`` (default: the next one) at the current stage."""
+        images = self.next_batch() if batch is None else batch
+        x = prepare_batch(images, self.cfg.train, self.data_gen).to(self.device)
+        x_sample = self.negatives(x.shape[0])
+        result = contrastive_step(
+            self.train_model, self.optimizer, x, x_sample, self.cfg.train, self.beta
+        )
+        self.state.flops += self._loss_flops * 2 * x.shape[0] * self.world_size
         if result.diverged is None:
             seen = result.images * self.world_size
             self.state.stage_images += seen
@@ -277,41 +365,39 @@ class Trainer:
             self.state.step += 1
         return result
 
-    def after_rollback(self, lr_factor: float = 1.0, seed_offset: int = 0) -> None:
-        """Change course after restoring a checkpoint that preceded a divergence: scale the
-        learning rate and/or re-seed the Langevin noise, so the same steps are not replayed.
-        """
+    def change_course(self, lr_factor: float = 1.0, reseed: bool = False) -> None:
+        """After restoring a checkpoint that preceded a divergence: scale the learning rate
+        and/or re-seed the Langevin noise, so the same steps are not replayed."""
         for group in self.optimizer.param_groups:
             group["lr"] *= lr_factor
-        if seed_offset:
-            seed = int(torch.randint(2**62, (1,), generator=self.data_gen)) + seed_offset
+        if reseed:
+            seed = int(torch.randint(2**62, (1,), generator=self.data_gen)) + self.state.rollbacks
             self.sample_gen.manual_seed(seed)
 
-    def fit(
-        self,
-        until_stage: int | None = None,
-        max_steps: int | None = None,
-        callback: Callable[[Trainer, StepResult], None] | None = None,
-    ) -> None:
-        """Train from the current state through stage ``until_stage`` (default: the last).
+    def reshuffle(self, salt: int) -> None:
+        """New data order and Langevin noise for this rank (after a resume with another
+        number of workers, whose per-rank states do not carry over)."""
+        seed = self.cfg.train.seed * 7919 + 1_000_003 * (salt + 1) + 31 * self.rank
+        self.data_gen.manual_seed(seed)
+        self.sample_gen.manual_seed(seed + 17)
+        r = self.resolution
+        self.batches = EpochBatches(self.data[r], self.cfg.train.batch_for(r), self.data_gen)
 
-        Raises :class:`DivergenceError` on a diverged step (the model is left as it was
-        before that step).
-        """
-        last = self.cfg.model.num_stages - 1 if until_stage is None else until_stage
-        steps = 0
-        while max_steps is None or steps < max_steps:
-            if self.stage_done:
-                if self.state.stage >= last:
-                    return
-                self.advance_stage()
-                continue
-            result = self.step()
-            steps += 1
-            if result.diverged is not None:
-                raise DivergenceError(result.diverged, self.state.stage, self.state.step)
-            if callback is not None:
-                callback(self, result)
+    def remember_best(self, score: float) -> bool:
+        """Keep the current network as the stage's best if ``score`` (lower is better) beats
+        the best so far; True if it did."""
+        if self.best is not None and not score < self.best["score"]:
+            return False
+        weights = {k: v.detach().clone() for k, v in self.model.current.state_dict().items()}
+        self.best = {
+            "score": float(score),
+            "step": self.state.step,
+            "stage_images": self.state.stage_images,
+            "model": weights,
+        }
+        return True
+
+    # --- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (see :mod:`cfebm.checkpoint`)."""
@@ -322,8 +408,10 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "state": asdict(self.state),
+            "best": copy.deepcopy(self.best),
             "batches": self.batches.state_dict(),
             "source_batches": self.source_batches.state_dict() if self.source_batches else None,
+            "replay": None if self.replay is None else self.replay.clone(),
             "rng": {
                 "global": rng_state(),
                 "data": self.data_gen.get_state(),
@@ -335,17 +423,25 @@ class Trainer:
         check_format(ckpt)
         stage = int(ckpt["stage"])
         if stage != self.model.stage:
-            self.model = EnergyNet(self.cfg.model, stage=stage).to(self.device).train()
+            self.model = CoarseToFineEBM(self.cfg.model, stage=stage).to(self.device).train()
             self._begin_stage()
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
+        self.best = copy.deepcopy(ckpt.get("best"))
         self.batches.load_state_dict(ckpt["batches"])
         if self.source_batches is not None and ckpt.get("source_batches"):
             self.source_batches.load_state_dict(ckpt["source_batches"])
+        if self.replay is not None and ckpt.get("replay") is not None:
+            self.replay = ckpt["replay"].to(self.device)
         set_rng_state(ckpt["rng"]["global"])
         self.data_gen.set_state(ckpt["rng"]["data"])
         self.sample_gen.set_state(ckpt["rng"]["sample"])
+        self._refresh_energies()
+
+    def model_state(self) -> dict:
+        """This stage's result as a model file (:func:`model_file`)."""
+        return model_file(self.state_dict())
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, data: Mapping[int, torch.Tensor], device="cpu", **kw):
@@ -356,14 +452,98 @@ class Trainer:
 
 def check_format(ckpt: dict) -> None:
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == "cfebm-checkpoint/1":
+        raise ValueError(
+            "a cfebm-checkpoint/1 file, from a cfebm whose stages shared one network; the "
+            "energies of finished stages now stay frozen, so retrain it with this version"
+        )
     if fmt != CHECKPOINT_FORMAT:
         raise ValueError(f"not a cfebm checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT})")
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu") -> EnergyNet:
-    """The trained network of a checkpoint, at its stage, in eval mode."""
+def model_file(ckpt: dict, config: CFEBMConfig | None = None) -> dict:
+    """A stage's model file from a trainer checkpoint: every stage's network (the current
+    stage's best evaluated one when the loop kept it), the config (``config``, e.g. the
+    global one of a data-parallel run) and the counters; no optimizer or data state."""
+    check_format(ckpt)
+    model = dict(ckpt["model"])
+    best = ckpt.get("best")
+    if best is not None:
+        prefix = f"nets.{int(ckpt['stage'])}."
+        model.update({prefix + k: v for k, v in best["model"].items()})
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": to_dict(config) if config is not None else ckpt["config"],
+        "stage": int(ckpt["stage"]),
+        "model": model,
+        "state": dict(ckpt["state"]),
+        "best": None if best is None else {k: v for k, v in best.items() if k != "model"},
+    }
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> CoarseToFineEBM:
+    """The trained model of a checkpoint (every stage's network), in eval mode."""
     check_format(ckpt)
     cfg = from_dict(ckpt["config"])
-    model = EnergyNet(cfg.model, stage=int(ckpt["stage"]))
+    model = CoarseToFineEBM(cfg.model, stage=int(ckpt["stage"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def params_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def next_stage_model(previous: dict, stage: int, seed: int, device="cpu") -> CoarseToFineEBM:
+    """The model stage ``stage`` starts from: the model file of stage ``stage - 1`` grown by
+    one stage (warm start), its new layers drawn from ``seed`` so that every data-parallel
+    worker starts from the same weights."""
+    model = model_from_checkpoint(previous, device)
+    if model.stage != stage - 1:
+        raise ValueError(
+            f"stage {stage} starts from a stage-{stage - 1} model, got stage {model.stage}"
+        )
+    torch.manual_seed(seed + stage)
+    model.grow()
+    return model.train()
+
+
+def per_worker(cfg: CFEBMConfig, workers: int) -> CFEBMConfig:
+    """The config each of ``workers`` data-parallel workers runs: the global batches split
+    evenly, so the images per step (and the beta schedule) do not depend on ``workers``."""
+    if workers == 1:
+        return cfg
+    split = {}
+    for r, b in cfg.train.batch_size.items():
+        if b % workers:
+            raise ConfigError(
+                f"batch_size at {r}x{r} is {b}, which {workers} workers cannot split evenly: "
+                f"use a multiple of {workers} (batch sizes are global)"
+            )
+        split[r] = b // workers
+    return replace(cfg, train=replace(cfg.train, batch_size=split))
+
+
+def check_training_data(cfg: CFEBMConfig, store, stage: int) -> CFEBMConfig:
+    """``cfg`` with the channels of the pyramid ``store``, or ConfigError saying what to set
+    when the data cannot train ``stage`` (a level missing, a batch above the data size)."""
+    if not 0 <= stage < cfg.model.num_stages:
+        raise ConfigError(
+            f"stage {stage}: model.resolutions {list(cfg.model.resolutions)} has stages "
+            f"0..{cfg.model.num_stages - 1}"
+        )
+    cfg = replace(cfg, model=cfg.model.with_channels(store.channels))
+    r = cfg.model.resolutions[stage]
+    if r not in store.resolutions:
+        raise ConfigError(
+            f"{store.url} has no level at {r}x{r} for stage {stage} (it has "
+            f"{store.resolutions}): build the pyramid down to (and prepare it up to) "
+            f"model.resolutions {list(cfg.model.resolutions)}"
+        )
+    batch, count = cfg.train.batch_for(r), store.count("train")
+    if batch > count:
+        raise ConfigError(
+            f"batch_size at {r}x{r} is {batch}, more than the {count} training images of "
+            f"{store.url}: lower it to at most {count}"
+        )
+    return cfg

@@ -1,5 +1,5 @@
 """One-sided unsupervised image-to-image translation and generative saliency
-(paper Sec. 3.4 and its translation experiments; METHOD.md, "Uses of the trained energy").
+(paper Sec. 3.4 and its translation experiments; docs/method.md, "Uses of the trained energy").
 
 The translator is a target-domain EBM trained coarse to fine whose negative chains start
 from source-domain images (pooled to each stage's resolution) instead of noise; at test
@@ -15,7 +15,7 @@ object on a background (the built-in ``shapes`` data), the IoU of the object mas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from .config import CFEBMConfig, SamplerConfig
 from .langevin import Callback
-from .model import EnergyNet
+from .loop import Hooks, LoopConfig, fit
+from .model import CoarseToFineEBM
 from .restore import image_pyramid, ssim
 from .sampling import sample
-from .trainer import StepResult, Trainer
+from .trainer import Trainer
 
 # --- the translator ------------------------------------------------------------------------
 
@@ -37,23 +38,27 @@ def train_translator(
     source: Mapping[int, torch.Tensor],
     *,
     device: str | torch.device = "cpu",
-    callback: Callable[[Trainer, StepResult], None] | None = None,
+    loop: LoopConfig | None = None,
+    hooks: Sequence[Hooks] = (),
     trainer: Trainer | None = None,
+    resumed: bool = False,
 ) -> Trainer:
     """Train the target-domain EBM coarse to fine with chains started from source images.
 
     ``target`` and ``source`` map each stage resolution to images [N, C, r, r] in the
-    [0, 255] scale (a pyramid's levels). Pass ``trainer`` to continue one (e.g. restored
-    from a checkpoint). Raises :class:`cfebm.trainer.DivergenceError` on divergence.
+    [0, 255] scale (a pyramid's levels). The training is :func:`cfebm.loop.fit`, with
+    ``loop`` (checkpoint cadence, rollbacks) and ``hooks``. Pass ``trainer`` to continue one
+    (e.g. restored from a checkpoint). Raises :class:`cfebm.trainer.DivergenceError` when
+    the rollbacks are spent.
     """
     if trainer is None:
         trainer = Trainer(cfg, target, device, source=source)
-    trainer.fit(callback=callback)
+    fit(trainer, loop or LoopConfig(), hooks, resumed=resumed)
     return trainer
 
 
 def translate(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     source: torch.Tensor,
     sampler: SamplerConfig,
     *,
@@ -133,7 +138,7 @@ def normalise_maps(m: torch.Tensor) -> torch.Tensor:
 
 
 def translate_with_saliency(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     source: torch.Tensor,
     sampler: SamplerConfig,
     *,
@@ -275,3 +280,30 @@ def translation_scores(
             scores.foreground_distance_source = colour_distance(source, target, (ms, mg))
             scores.foreground_distance_translation = colour_distance(translation, target, (mt, mg))
     return scores
+
+
+def evaluate_translation(
+    model: CoarseToFineEBM,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    sampler: SamplerConfig,
+    *,
+    start_stage: int | None = None,
+    foreground: bool = True,
+    min_contrast: float = 0.1,
+    seed: int = 0,
+) -> tuple[dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
+    """Translate held-out ``source`` images and measure them against ``target`` images
+    (both [N, C, r, r] in [-1, 1]): (content and colour scores with how well each saliency
+    map follows the per-pixel change, translations, saliency maps)."""
+    gen = torch.Generator(device=source.device).manual_seed(seed)
+    y, maps = translate_with_saliency(
+        model, source, sampler, start_stage=start_stage, generator=gen
+    )
+    scores = translation_scores(source, y, target, foreground=foreground, min_contrast=min_contrast)
+    change = (y - source).abs().sum(1).flatten()
+    metrics = {"resolution": model.resolution(), "num_images": len(source), **scores.as_dict()}
+    for name in ("change", "gradient"):
+        corr = torch.corrcoef(torch.stack([maps[name].flatten(), change]))[0, 1]
+        metrics[f"saliency_corr_{name}"] = float(corr)
+    return metrics, y, maps

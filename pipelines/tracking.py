@@ -1,65 +1,89 @@
-"""MLflow for the pipeline stages: one parent run per pipeline run, a nested run per stage.
+"""MLflow for the stages: one parent run per pipeline run, one nested run per stage.
 
-A *pipeline run* is one ``dvc repro``. DVC starts every stage as its own process, so the
-stages find their shared parent run through a small state file
-(``runs/mlflow-pipeline.json``) and the identity of the ``dvc`` process they run under
-(:func:`invocation_id`). The parent is RUNNING while a stage runs and FINISHED (FAILED if
-a stage failed) once they have ended. A ``dvc repro`` that was killed leaves its stage
-open, so the next ``dvc repro`` continues that pipeline run, and the stage it resumes
-continues the same nested run. An orchestrator can set ``CFEBM_MLFLOW_PARENT_RUN_ID`` to
-nest the stages under a run of its own, or ``CFEBM_PIPELINE_ID`` to group stages that it
-starts itself.
+A *pipeline run* is one invocation that runs stages: ``dvc repro``, ``dvc exp run`` (in the
+workspace, ``--temp`` or queued), ``make run`` or ``make submit``. Its stages are separate
+processes; they find their shared parent run by the tag ``cfebm.pipeline`` = the
+invocation's key (:func:`invocation_key`): ``CFEBM_PIPELINE_ID`` when an orchestrator sets
+it, else the DVC experiment's name, else the ``dvc`` process that DVC records in its lock
+file as running the stage. The first stage creates the parent; every stage, when it ends,
+sets the parent's status and end time (FAILED once any stage failed) without ever setting
+a finished run back to running. ``CFEBM_MLFLOW_PARENT_RUN_ID`` nests the stages under a run
+that an orchestrator owns (and ends) itself.
 
-Only the driver and the rank-0 worker talk to MLflow; the library (cfebm) never does.
+A stage killed mid-run leaves its run RUNNING; the next attempt of the same stage (same
+``cfebm.stage_key``) continues that run, under its parent, and so does the rest of that
+invocation's pipeline. Stores: a relative local store (``sqlite:///mlflow.db``, the
+default) is the project's, even when DVC runs the stage in a temporary copy (DVC sets
+``DVC_ROOT`` to the project). Only drivers and the rank-0 worker talk to MLflow; cfebm
+never does.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-log = logging.getLogger(__name__)
+from cfebm.redact import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "CFEBM_MLFLOW_PARENT_RUN_ID"
 PIPELINE_ENV = "CFEBM_PIPELINE_ID"
-STATE_FILE = os.path.join("runs", "mlflow-pipeline.json")
+PIPELINE_TAG = "cfebm.pipeline"
+STAGE_KEY_TAG = "cfebm.stage_key"
+KIND_TAG = "cfebm.kind"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags MLflow's UI reads to open the experiment on its training runs."""
 
 
-def resolve_tracking_uri(param: str | None, project_dir: str = ".") -> str:
-    """``param``, else ``MLFLOW_TRACKING_URI``, else the embedded store ``sqlite:///mlflow.db``.
+@dataclass
+class TrackingOptions:
+    """Where and what a stage logs to MLflow."""
 
-    Relative local stores are made absolute against ``project_dir``: the workers run in
-    other folders, and must write to the same database as ``make ui`` reads.
-    """
+    enabled: bool = True
+    """Log the stage (a nested run of the pipeline run)."""
+    tracking_uri: str | None = None
+    """null: ``MLFLOW_TRACKING_URI``, else the project's ``sqlite:///mlflow.db`` (make ui)."""
+    experiment: str = "cfebm"
+    system_metrics: bool = False
+    """Log CPU, memory (and GPU) use of the run's process every 10 s (MLflow system
+    metrics)."""
+
+
+def project_root() -> str:
+    """The DVC project the stage belongs to (``DVC_ROOT``, set by DVC even for temporary
+    experiment copies), else the working directory."""
+    return os.environ.get("DVC_ROOT") or os.getcwd()
+
+
+def resolve_tracking_uri(param: str | None = None) -> str:
+    """``param``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; relative local
+    stores made absolute against :func:`project_root` (workers run elsewhere)."""
     uri = param or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    root = project_root()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(os.path.join(project_dir, uri[len("sqlite:///") :]))
+        return "sqlite:///" + os.path.abspath(os.path.join(root, uri[len("sqlite:///") :]))
     if uri.startswith("file://") or "://" not in uri:
-        return os.path.abspath(os.path.join(project_dir, uri.removeprefix("file://")))
+        return os.path.abspath(os.path.join(root, uri.removeprefix("file://")))
     return uri
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
     """``<folder of the database>/mlruns`` for a local sqlite store (None otherwise)."""
     if tracking_uri.startswith("sqlite:////"):
-        db = tracking_uri[len("sqlite:///") :]
-        return "file://" + os.path.join(os.path.dirname(db), "mlruns")
+        return "file://" + os.path.join(
+            os.path.dirname(tracking_uri[len("sqlite:///") :]), "mlruns"
+        )
     return None
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
-    """Nested settings -> {"a.b.c": "value"} for MLflow params.
-
-    Tables keyed by resolution (batch sizes, learning rates) stay one JSON value.
-    """
+    """Nested settings -> {"train.model.base_width": "16"}: the params.yaml keys as DVC
+    names them. Tables keyed by resolution stay one JSON value."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -72,6 +96,40 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _dvc_process_key() -> str | None:
+    """The ``dvc`` process that runs this stage, as DVC's lock file records it, with its
+    start time (pids are reused): ``dvc:<pid>:<start>``."""
+    import psutil
+
+    root = os.getcwd()
+    while not os.path.isdir(os.path.join(root, ".dvc")):
+        parent = os.path.dirname(root)
+        if parent == root:
+            return None
+        root = parent
+    try:
+        with open(os.path.join(root, ".dvc", "tmp", "rwlock")) as f:
+            lock = json.load(f)
+        pids = {int(i["pid"]) for i in lock.get("write", {}).values()}
+        ancestors = {p.pid: p for p in psutil.Process().parents()}
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+    for pid in sorted(pids & set(ancestors)):
+        return f"dvc:{pid}:{ancestors[pid].create_time():.3f}"
+    return None
+
+
+def invocation_key() -> str | None:
+    """Which pipeline run this process belongs to (see the module docs); None for a stage
+    run by hand, which then gets a parent run of its own."""
+    if os.environ.get(PIPELINE_ENV):
+        return os.environ[PIPELINE_ENV]
+    if os.environ.get("DVC_EXP_NAME"):
+        base = os.environ.get("DVC_EXP_BASELINE_REV", "")[:7]
+        return f"dvc-exp:{os.environ['DVC_EXP_NAME']}@{base}"
+    return _dvc_process_key()
+
+
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -79,12 +137,14 @@ def client(tracking_uri: str):
 
 
 def experiment_id(c, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created on first use."""
+    """The id of experiment ``name``, created on first use as a model-training experiment."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+        return c.create_experiment(
+            name, artifact_location=local_artifact_root(tracking_uri), tags=EXPERIMENT_KIND
+        )
     except Exception:  # created meanwhile by another stage or worker
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -92,227 +152,174 @@ def experiment_id(c, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
-def invocation_id() -> str | None:
-    """Which ``dvc repro`` (or ``dvc exp run``) this stage runs under: ``CFEBM_PIPELINE_ID``
-    if set, else the pid and start time of the nearest ``dvc`` ancestor process (Linux
-    /proc); None for a stage started by hand."""
-    if os.environ.get(PIPELINE_ENV):
-        return os.environ[PIPELINE_ENV]
-    pid = os.getppid()
-    for _ in range(8):  # dvc -> (shell) -> python -m pipelines.<stage>
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        if _is_dvc(argv):
-            return f"dvc-{pid}-{fields[19]}"  # field 22 of stat: start time
-        pid = int(fields[1])  # field 4: parent pid
-        if pid <= 1:
-            return None
-    return None
+class Tracking:
+    """A stage's view of MLflow: its pipeline's parent run and its own nested run."""
 
-
-def _is_dvc(argv: list[str]) -> bool:
-    """``dvc ...``, ``python .../bin/dvc ...`` (the console script) or ``python -m dvc``."""
-    if not argv:
-        return False
-    exe = os.path.basename(argv[0])
-    if exe == "dvc":
-        return True
-    return exe.startswith("python") and (
-        (len(argv) > 1 and os.path.basename(argv[1]) == "dvc") or argv[1:3] == ["-m", "dvc"]
-    )
-
-
-class PipelineRuns:
-    """The parent run of the current pipeline run and the nested runs of its stages.
-
-    A pipeline run is one ``dvc repro``: the stages it runs share one parent run, which
-    is RUNNING while one of them runs and FINISHED (or FAILED) once they have ended. A
-    ``dvc repro`` that was killed leaves a stage open; the next one then continues that
-    pipeline run (and the stage's nested run, when it resumes the same stage) instead of
-    starting a new one.
-    """
-
-    def __init__(self, tracking_uri: str, experiment: str, state_path: str = STATE_FILE):
-        self.tracking_uri = tracking_uri
-        self.client = client(tracking_uri)
-        self.experiment_id = experiment_id(self.client, experiment, tracking_uri)
-        self.state_path = state_path
+    def __init__(self, options: TrackingOptions):
+        self.options = options
+        self.uri = resolve_tracking_uri(options.tracking_uri)
+        self.client = client(self.uri)
+        self.experiment_id = experiment_id(self.client, options.experiment, self.uri)
         self.external_parent = os.environ.get(PARENT_ENV)
-        self.invocation = invocation_id()
+        self.key = invocation_key()
+        self.parent: str | None = None
+        self.run_id: str | None = None
+        self._monitor = None
 
-    def _load(self) -> dict:
-        try:
-            with open(self.state_path) as f:
-                state = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        same_store = state.get("tracking_uri") == self.tracking_uri
-        same_exp = state.get("experiment_id") == self.experiment_id
-        return state if same_store and same_exp else {}
+    def _find(self, tag: str, value: str, status: str | None = None):
+        query = f"tags.`{tag}` = '{value}'" + (
+            f" and attributes.status = '{status}'" if status else ""
+        )
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=query,
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
 
-    def _save(self, state: dict) -> None:
-        os.makedirs(os.path.dirname(self.state_path) or ".", exist_ok=True)
-        tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(tmp, self.state_path)
-
-    def _status(self, run_id: str | None) -> str | None:
-        if not run_id:
-            return None
-        try:
-            return self.client.get_run(run_id).info.status
-        except Exception:
-            return None
-
-    def parent(self) -> str:
-        """This pipeline run's parent run: the one of the same ``dvc repro``, or of an
-        interrupted one, reopened if need be; else a new one."""
+    def _pipeline_parent(self) -> str:
         if self.external_parent:
             return self.external_parent
-        state = self._load()
-        prev = state.get("parent_run_id")
-        same = self.invocation is not None and state.get("invocation") == self.invocation
-        interrupted = bool(state.get("open"))
-        if prev and (same or interrupted) and self._status(prev) is not None:
-            if self._status(prev) != "RUNNING":
-                self.client.update_run(prev, status="RUNNING")
-            state["invocation"] = self.invocation
-            self._save(state)
-            return prev
+        if self.key is not None:
+            found = self._find(PIPELINE_TAG, self.key)
+            if found is not None:
+                return found.info.run_id
+        tags = {KIND_TAG: "pipeline", PIPELINE_TAG: self.key or f"stage-{time.time_ns()}"}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["cfebm.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
         run = self.client.create_run(
-            self.experiment_id,
-            run_name=time.strftime("pipeline-%Y%m%d-%H%M%S"),
-            tags={"cfebm.kind": "pipeline"},
-        )
-        self._save(
-            {
-                "tracking_uri": self.tracking_uri,
-                "experiment_id": self.experiment_id,
-                "parent_run_id": run.info.run_id,
-                "invocation": self.invocation,
-                "open": {},
-                "stages": {},
-            }
+            self.experiment_id, run_name=time.strftime("pipeline-%Y%m%d-%H%M%S"), tags=tags
         )
         return run.info.run_id
 
-    def stage(
-        self, parent_id: str, key: str, run_name: str, params: Mapping[str, Any], tags: Mapping
-    ) -> tuple[str, bool]:
-        """``(run_id, continued)``: the stage's nested run, continued if a killed attempt of
-        the same stage (same ``key``) left it RUNNING under this parent."""
-        state = self._load() if not self.external_parent else {}
-        known = state.get("stages", {}).get(key)
-        continued = bool(known) and self._status(known) == "RUNNING"
-        if continued:
-            run_id = known
+    def start(self, name: str, key: str, params: Mapping[str, Any], tags: Mapping) -> bool:
+        """Open the stage's nested run (``name``; ``key`` identifies the stage's work, so a
+        killed attempt is continued); True if a killed run was continued."""
+        killed = self._find(STAGE_KEY_TAG, key, "RUNNING")
+        if killed is not None and not self.external_parent:
+            self.run_id = killed.info.run_id
+            self.parent = killed.data.tags.get("mlflow.parentRunId")
+            if self.parent and self.key:  # the rest of this invocation joins that pipeline run
+                self.client.set_tag(self.parent, PIPELINE_TAG, self.key)
+            continued = True
         else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=run_name,
-                tags={"mlflow.parentRunId": parent_id, "cfebm.kind": "stage", **tags},
-            )
-            run_id = run.info.run_id
-            self.log_params(run_id, params)
-        if state:
-            state.setdefault("stages", {})[key] = run_id
-            state.setdefault("open", {})[run_id] = self.invocation
-            self._save(state)
-        return run_id, continued
+            if killed is not None:
+                self.client.set_terminated(killed.info.run_id, "KILLED")
+            self.parent = self._pipeline_parent()
+            tags = {
+                "mlflow.parentRunId": self.parent,
+                KIND_TAG: "stage",
+                STAGE_KEY_TAG: key,
+                **tags,
+            }
+            if os.environ.get("DVC_EXP_NAME"):
+                tags["cfebm.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+            self.run_id = self.client.create_run(
+                self.experiment_id, run_name=name, tags=tags
+            ).info.run_id
+            self.params(params)
+            continued = False
+        if self.options.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+            self._monitor.start()
+        return continued
+
+    def params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(redact(dict(params))).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
-        """End a stage's run; the parent ends with the last open stage (FAILED if one did).
-        Stage runs left open by a killed ``dvc repro`` and not resumed end as KILLED."""
-        self.client.set_terminated(run_id, status)
-        state = self._load()
-        if self.external_parent or not state:
-            return
-        state.setdefault("open", {}).pop(run_id, None)
-        for stale, inv in list(state["open"].items()):
-            if inv != self.invocation or self.invocation is None:
-                self.client.set_terminated(stale, "KILLED")
-                del state["open"][stale]
-        if status == "FAILED":
-            state["failed"] = True
-        if not state["open"]:
-            parent = state["parent_run_id"]
-            self.client.set_terminated(parent, "FAILED" if state.get("failed") else "FINISHED")
-        self._save(state)
-
-    def end_pipeline(self, parent_id: str, status: str = "FINISHED") -> None:
-        """End the parent run now (unless an orchestrator owns it); a later stage of the
-        same ``dvc repro`` reopens it."""
-        if self.external_parent:
-            return
-        self.client.set_terminated(parent_id, status)
+    def end(self, status: str = "FINISHED") -> None:
+        """End the stage's run and bring the pipeline run's status and end time up to date."""
+        if self._monitor is not None:
+            self._monitor.finish()
+        flush()
+        self.client.set_terminated(self.run_id, status)
+        if self.parent and not self.external_parent:
+            prev = self.client.get_run(self.parent).info.status
+            final = "FAILED" if "FAILED" in (status, prev) else "FINISHED"
+            self.client.set_terminated(self.parent, final)
 
 
-class RunLogger:
-    """Buffered metrics and images for one run, from the rank-0 worker or the driver.
+# --- logging (also from workers) -------------------------------------------------------------
 
-    Metrics are sent in batches (every ``flush_every_s`` seconds), so logging every step
-    costs nothing noticeable. A tracking server that fails does not stop training: the
-    error is reported once and logging goes on.
-    """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0):
-        self.client = client(tracking_uri)
-        self.run_id = run_id
-        self.flush_every_s = flush_every_s
-        self._buffer: list = []
-        self._last_flush = time.monotonic()
-        self._warned = False
+def log_metrics(c, run_id: str, step: int, values: Mapping[str, float]) -> None:
+    """Metrics of one step, queued for MLflow's asynchronous logging (batched in the
+    background; :func:`flush` waits for them)."""
+    from mlflow.entities import Metric
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:
-            if not self._warned:
-                print(f"warning: MLflow {what} failed ({type(e).__name__}: {e}); training goes on")
-                self._warned = True
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items() if v is not None]
+    if metrics:
+        c.log_batch(run_id, metrics=metrics, synchronous=False)
 
-    def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in values.items())
-        if time.monotonic() - self._last_flush >= self.flush_every_s or len(self._buffer) > 900:
-            self.flush()
+def flush() -> None:
+    import mlflow
 
-    def flush(self) -> None:
-        buffer, self._buffer = self._buffer, []
-        self._last_flush = time.monotonic()
-        for i in range(0, len(buffer), 1000):
-            self._guard("metrics", self.client.log_batch, self.run_id, metrics=buffer[i : i + 1000])
+    mlflow.flush_async_logging()
 
-    def image(self, grid: np.ndarray, key: str, step: int) -> None:
-        """A uint8 grid [H, W, C] as an image with a step (the UI shows a slider)."""
-        from PIL import Image
 
-        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-        self._guard("image", self.client.log_image, self.run_id, img, key=key, step=int(step))
+def log_png(
+    c,
+    run_id: str,
+    png: bytes,
+    artifact_file: str | None = None,
+    key: str | None = None,
+    step: int = 0,
+) -> None:
+    """A PNG as an artifact file, or as an image with a step (``key``: the UI's slider)."""
+    from PIL import Image
 
-    def artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self._guard("artifact", self.client.log_artifact, self.run_id, path, artifact_path)
+    img = Image.open(io.BytesIO(png))
+    if key is not None:
+        c.log_image(run_id, img, key=key, step=int(step))
+    else:
+        c.log_image(run_id, img, artifact_file=artifact_file)
 
-    def text(self, text: str, artifact_file: str) -> None:
-        self._guard("text", self.client.log_text, self.run_id, text, artifact_file)
 
-    def png(self, data: bytes, artifact_file: str) -> None:
-        from PIL import Image
+def flat_metrics(values: Mapping, prefix: str = "") -> dict[str, float]:
+    """Nested numbers -> {"a/b": 1.0}: DVC's nested metric keys as MLflow metric names."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat_metrics(v, f"{key}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
 
-        img = Image.open(io.BytesIO(data))
-        self._guard("image", self.client.log_image, self.run_id, img, artifact_file=artifact_file)
+
+def log_stage(
+    options: TrackingOptions,
+    name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping,
+    pngs: Mapping[str, bytes] = {},  # noqa: B006 - read only
+    texts: Mapping[str, str] = {},  # noqa: B006 - read only
+    curve: list[tuple[int, Mapping[str, float]]] = (),
+    key: str | None = None,
+) -> str | None:
+    """Log one stage that runs in this process as a nested run of the pipeline run: its
+    settings, metrics (flattened), PNGs, texts and a training ``curve`` [(step, values)];
+    returns the run id (None when tracking is off)."""
+    if not options.enabled:
+        return None
+    t = Tracking(options)
+    t.start(name, key or f"{name}:{t.key}:{time.time_ns()}", params, {"cfebm.stage": name})
+    for step, values in curve:
+        log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
+    log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
+    for file, data in pngs.items():
+        log_png(t.client, t.run_id, data, f"{name}/{file}")
+    t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
+    for file, text in texts.items():
+        t.client.log_text(t.run_id, text, f"{name}/{file}")
+    t.end()
+    return t.run_id

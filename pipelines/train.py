@@ -1,229 +1,304 @@
 """DVC stage ``train@<s>``: one coarse-to-fine stage as a resumable Ray Train job.
 
-    python -m pipelines.train --stage S [--params params.yaml] [--workers N] [--dry-run]
+    python -m pipelines.train --stage S [--params params.yaml] [--optim.lr '{4: 0.002}'] ...
 
-Reads section ``train`` of params.yaml (options override it). Stage s trains the model
-grown to resolution ``train.model.resolutions[s]``, starting from stage s-1's final model
-(``<out>/stage<s-1>/model.pt``), as a Ray Train ``TorchTrainer`` on the cluster at
+Stage s trains the network of resolution ``train.model.resolutions[s]``, warm-started from
+stage s-1's model (``<out>/stage<s-1>/model.pt``; every earlier stage's network stays frozen
+and samples its resolution in the chain), as a Ray Train job on the cluster at
 ``RAY_ADDRESS`` (else a local Ray): DDP over ``train.ray.workers`` workers, each reading its
-data shard and sampling its own negatives.
+data shard and sampling its own negatives. The loop is cfebm's (:func:`cfebm.loop.
+train_stage`); this module supplies the data, the checkpoint and report hooks, and MLflow.
 
-Resuming: checkpoints go to ``<train.ray.storage>/stage<s>-<key>`` every
-``train.checkpoint.every`` iterations, outside DVC's outputs, where ``<key>`` hashes what
-the result depends on (cfebm config, dataset manifest, previous model). Ray retries a
-failed worker or node from the latest one (``train.ray.max_failures`` times), and running
-the stage again (``dvc repro``) after a crash continues it: same images seen, same beta.
+Resuming: checkpoints go to ``<train.ray.storage>/stage<s>-<r>x<r>-<key>`` every
+``train.loop.checkpoint_every`` steps, outside DVC's outputs; ``<key>`` hashes what the
+result depends on (config, dataset, previous model). Ray retries a failed worker or node
+from the latest checkpoint (``train.ray.max_failures`` times), and running the stage again
+after a crash continues it: same images seen, same beta, same MLflow run.
 
-Outputs (DVC outs): ``<out>/stage<s>/model.pt`` (a cfebm checkpoint), ``samples.png``,
-``chain.png``, and ``<metrics>/train-stage<s>.json``. Logged to MLflow: a nested run per
-stage under the pipeline's parent run (see pipelines/tracking.py).
+Outputs (DVC): ``<out>/stage<s>/model.pt`` (every stage's network, config and counters),
+``samples.png``, ``chain.png``; ``<metrics>/train-stage<s>.json``.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
+import logging
 import os
-import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-import yaml
+import torch
 
 from cfebm import io as cio
-from cfebm.checkpoint import load_checkpoint, save_checkpoint
-from cfebm.config import ConfigError, from_dict, to_dict
-from cfebm.data import DataError
-from cfebm.images import grid_png
-from cfebm.trainer import model_from_checkpoint
-from pipelines import pictures, ray_utils, tracking
-from pipelines._params import apply_overrides, load_section, params_argument
-from pipelines.train_loop import (
+from cfebm.checkpoint import (
     TRAINER_FILE,
-    StageJob,
-    checkpoint_bytes,
-    model_only,
-    params_finite,
-    train_loop_per_worker,
+    load_checkpoint,
+    load_worker_checkpoint,
+    save_checkpoint,
+    save_worker_checkpoint,
 )
-from pipelines.train_params import (
-    SECTION,
-    TrainParams,
-    check_stage,
-    file_sha256,
-    params_from_dict,
-    run_key,
-    worker_config,
+from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
+from cfebm.data import DataError, PyramidStore, worker_images
+from cfebm.evaluate import ScoreHook, reference_images
+from cfebm.features import FeatureError
+from cfebm.images import make_grid, stage_pictures
+from cfebm.loop import Hooks, InjectDivergence, LoopConfig, train_stage
+from cfebm.metrics import make_extractor
+from cfebm.sampling import draw
+from cfebm.trainer import (
+    Trainer,
+    check_training_data,
+    model_file,
+    model_from_checkpoint,
+    next_stage_model,
+    per_worker,
 )
+from pipelines import _cli, ray_utils, tracking
+from pipelines.tune import tuned_sampler
 
-# Command-line options and the params key each overrides.
-OVERRIDES = {
-    "workers": ("ray", "workers"),
-    "use_gpu": ("ray", "use_gpu"),
-    "storage": ("ray", "storage"),
-    "ray_address": ("ray", "address"),
-    "max_failures": ("ray", "max_failures"),
-    "tracking_uri": ("mlflow", "tracking_uri"),
-    "experiment": ("mlflow", "experiment"),
-    "data": (None, "data"),
-    "out": (None, "out"),
-}
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide a stage runs."""
+
+    address: str | None = None
+    """Ray cluster to join; null: ``RAY_ADDRESS`` if set, else start a local Ray."""
+    workers: int = 1
+    """Data-parallel workers (DDP). Batch sizes are global: each worker takes
+    ``batch_size / workers`` images per step."""
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources of each worker; ``CPU`` also sets its torch threads."""
+    placement_strategy: str = "PACK"
+    """PACK fills a node first; SPREAD puts workers on different nodes where it can."""
+    max_failures: int = 3
+    """Times Ray Train restarts the workers from the last checkpoint after a failure."""
+    storage: str = "runs/ray"
+    """Ray Train run storage (checkpoints): a local folder, or s3://... on a cluster."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for ``storage`` (e.g. endpoint_url); s3fs also reads AWS_* variables."""
+    shared_filesystem: bool = False
+    """Local paths are on a filesystem every node mounts (NFS): allows local ``storage``
+    and ``data`` on a multi-node cluster."""
+    local_cpus: int | None = None
+    """CPUs of a Ray started locally (null: all of this machine's)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept per stage (the newest)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.keep_checkpoints < 1 or self.max_failures < -1:
+            raise ConfigError(
+                "train.ray: workers and keep_checkpoints must be >= 1, max_failures >= -1"
+            )
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"train.ray.placement_strategy {self.placement_strategy!r} not in "
+                f"{PLACEMENT_STRATEGIES}"
+            )
+
+    @property
+    def threads_per_worker(self) -> int:
+        return max(1, int(self.resources_per_worker.get("CPU", 1)))
+
+
+@dataclass
+class SampleLogging:
+    every: int = 200
+    """Steps between sample grids logged to MLflow during a stage (0: only at the end)."""
+    count: int = 64
+    """Samples in each grid (and in samples.png)."""
+
+
+@dataclass
+class Selection:
+    """The release selects its model by FID: the last stage can be evaluated every
+    ``every_images`` images and keep its best-scoring network as the stage's model."""
+
+    every_images: int = 0
+    """Images between evaluations of the last stage; 0: none (the final network is kept)."""
+    extractor: str = "domain"
+    """Feature space of the score: ``domain`` (the features stage's CNN) or
+    ``inception-v3-compat``."""
+    features: str = "models/features.pt"
+    inception_weights: str | None = None
+    metric: str = "fid"
+    """fid or kid: the score that ranks the evaluations (lower is better)."""
+    num_samples: int = 500
+    num_reference: int | None = 2000
+
+
+@dataclass
+class DebugOptions:
+    """Fault injection (cfebm.loop.InjectDivergence); leave null in real runs."""
+
+    inject_divergence_at_step: int | None = None
+    """Feed NaN images at this step of the stage, so that it diverges and rolls back."""
+    inject_divergence_times: int = 1
+
+
+@dataclass
+class TrainStage:
+    """Train one coarse-to-fine stage (params.yaml section ``train``)."""
+
+    stages: list[dict] = field(default_factory=list)
+    """The DVC wiring (dvc.yaml ``foreach``): one ``{stage, after}`` per resolution."""
+    data: str = "data/pyramid"
+    """The pyramid dataset root (local or any fsspec URL)."""
+    data_storage_options: dict[str, Any] = field(default_factory=dict)
+    out: str = "models"
+    """Stage outputs: ``<out>/stage<s>/model.pt``, ``samples.png``, ``chain.png``."""
+    metrics: str = "metrics"
+    """DVC metrics: ``<metrics>/train-stage<s>.json``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler_from_tune: str | None = None
+    """The tune stage's result (tune/best.json): its sampler settings override ``sampler``;
+    null: train with ``sampler`` as it is."""
+    optim: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    selection: Selection = field(default_factory=Selection)
+    ray: RayOptions = field(default_factory=RayOptions)
+    mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
+    samples: SampleLogging = field(default_factory=SampleLogging)
+    debug: DebugOptions = field(default_factory=DebugOptions)
+
+    def __post_init__(self) -> None:
+        n = self.model.num_stages
+        if self.stages and len(self.stages) != n:
+            raise ConfigError(
+                f"train.stages lists {len(self.stages)} stage(s) but train.model.resolutions "
+                f"{list(self.model.resolutions)} has {n}: one DVC stage per resolution"
+            )
+        for s, item in enumerate(self.stages):
+            after = self.data if s == 0 else self.model_path(s - 1)
+            if item.get("stage") != s or _norm(item.get("after")) != _norm(after):
+                raise ConfigError(
+                    f"train.stages[{s}] is {item}; expected {{stage: {s}, after: {after}}} "
+                    "(stage 0 runs after the pyramid, stage s after stage s-1's model)"
+                )
+
+    def config(self) -> CFEBMConfig:
+        """The cfebm config the stage trains (the tuned sampler laid over ``sampler``)."""
+        sampler = self.sampler
+        if self.sampler_from_tune:
+            sampler = replace(sampler, **tuned_sampler(self.sampler_from_tune))
+        return CFEBMConfig(self.model, sampler, self.optim)
+
+    def model_path(self, stage: int) -> str:
+        return os.path.join(self.out, f"stage{stage}", "model.pt")
+
+    def stage_dir(self, stage: int) -> str:
+        return os.path.join(self.out, f"stage{stage}")
+
+
+def _norm(path) -> str:
+    path = str(path).rstrip("/")
+    return path if "://" in path else os.path.normpath(path)
+
+
+# --- before Ray: everything that can be checked in seconds -----------------------------------
+
+
+def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None, str]:
+    """(the stage's config with the data's channels, the previous stage's model file or
+    None, a key of the inputs): every mistake that a check can find, before Ray starts."""
+    store = PyramidStore(opts.data, opts.data_storage_options)
+    cfg = check_training_data(opts.config(), store, stage)
+    per_worker(cfg, opts.ray.workers)
+    inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
+    previous = None
+    if stage > 0:
+        path = opts.model_path(stage - 1)
+        if not cio.exists(path):
+            raise ConfigError(
+                f"stage {stage} starts from stage {stage - 1}'s model, but {path} does not "
+                f"exist: run that stage first (dvc repro train@{stage - 1})"
+            )
+        previous = load_checkpoint(path)
+        prev = model_from_checkpoint(previous)
+        if prev.cfg != cfg.model or prev.stage != stage - 1:
+            raise ConfigError(
+                f"{path} is a stage-{prev.stage} model of another train.model ({prev.cfg}); "
+                f"re-run stage {stage - 1} with the current settings"
+            )
+        inputs["previous_model"] = hashlib.sha256(cio.read_bytes(path)).hexdigest()
+    blob = json.dumps({"stage": stage, "config": asdict(cfg), "inputs": inputs}, sort_keys=True)
+    return cfg, previous, hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --- the driver -------------------------------------------------------------------------------
 
 
 class StageError(RuntimeError):
-    """The stage could not produce a model (diverged past the rollback limit, or failed)."""
+    """The stage produced no model (diverged past the rollback limit, or failed)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.train",
-        description=__doc__.split("\n\n")[0],
-        epilog="Every other setting is in section 'train' of params.yaml (see its comments).",
-    )
-    params_argument(p)
-    p.add_argument("--stage", type=int, required=True, help="stage index s (0 = coarsest)")
-    p.add_argument("--workers", type=int, help="data-parallel workers [train.ray.workers]")
-    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, help="[train.ray.use_gpu]")
-    p.add_argument("--storage", help="checkpoint storage, folder or s3://... [train.ray.storage]")
-    p.add_argument("--ray-address", help="Ray cluster [train.ray.address, else RAY_ADDRESS]")
-    p.add_argument("--max-failures", type=int, help="Ray Train retries [train.ray.max_failures]")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI [train.mlflow.tracking_uri]")
-    p.add_argument("--experiment", help="MLflow experiment [train.mlflow.experiment]")
-    p.add_argument("--data", help="pyramid dataset root [train.data]")
-    p.add_argument("--out", help="folder of the stage outputs [train.out]")
-    return p
-
-
-def resolve(argv: list[str] | None = None) -> tuple[TrainParams, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
-    section = load_section(args.params or "params.yaml", SECTION, required=bool(args.params))
-    section = apply_overrides(section, args, OVERRIDES)
-    params = params_from_dict(section)
-    check_stage(params.cfebm, args.stage)
-    return params, args
-
-
-def previous_model(params: TrainParams, stage: int) -> tuple[dict | None, str, int]:
-    """Stage s-1's final model (model-only), its sha256 and the images trained on so far;
-    (None, "", 0) for stage 0."""
-    if stage == 0:
-        return None, "", 0
-    path = params.model_path(stage - 1)
-    if not cio.exists(path):
-        raise StageError(
-            f"stage {stage} starts from stage {stage - 1}'s model, but {path} does not exist: "
-            f"run that stage first (dvc repro train@{stage - 1})"
-        )
-    prev = load_checkpoint(path)
-    prev_model = from_dict(prev["config"]).model
-    if prev_model != params.cfebm.model:
-        raise StageError(
-            f"{path} was trained with a different train.model ({prev_model}); re-run stage "
-            f"{stage - 1} with the current settings"
-        )
-    if int(prev["stage"]) != stage - 1:
-        raise StageError(f"{path} holds a stage-{prev['stage']} model, expected {stage - 1}")
-    return model_only(prev), file_sha256(path), int(prev["state"]["total_images"])
-
-
-def stage_params_for_mlflow(params: TrainParams, stage: int, run_name: str, world: int) -> dict:
-    flat = tracking.flatten(params.public())
-    flat.pop("stages", None)
-    flat.update(
-        {
-            "stage": str(stage),
-            "resolution": str(params.cfebm.model.resolutions[stage]),
-            "ray_run_name": run_name,
-            "per_worker_batch": json.dumps(worker_config(params.cfebm, world).train.batch_size),
-        }
-    )
-    return flat
-
-
-def run_stage(params: TrainParams, stage: int, echo=print) -> dict:
+def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
     """Train stage ``stage`` on Ray and write its outputs; returns the metrics written."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t_start = time.time()
-    cfg = params.cfebm
-    res = cfg.model.resolutions[stage]
-    prev, prev_sha, prev_images = previous_model(params, stage)
-    data_key = ray_utils.dataset_key(params.data, params.data_storage_options)
-    key = run_key(cfg, stage, {"dataset": data_key, "previous_model": prev_sha})
-    run_name = f"stage{stage}-{res}x{res}-{key}"
-    worker_config(cfg, params.ray.workers)  # fails early if the batches do not split
-
-    echo(f"train: {ray_utils.connect(params.ray.address, params.ray.local_cpus)}")
+    cfg, previous, key = check_inputs(opts, stage)
+    r = cfg.model.resolutions[stage]
+    run_name = f"stage{stage}-{r}x{r}-{key}"
+    echo(f"train: {ray_utils.connect(opts.ray.address, opts.ray.local_cpus)}")
     nodes = len(ray_utils.alive_nodes())
-    storage = ray_utils.absolute(params.ray.storage)
-    ray_utils.check_paths(nodes, {"train.ray.storage": storage}, params.ray.shared_filesystem)
+    storage = ray_utils.absolute(opts.ray.storage)
+    ray_utils.check_paths(nodes, {"train.ray.storage": storage}, opts.ray.shared_filesystem)
     data_url = ray_utils.dataset_for_workers(
-        params.data,
+        opts.data,
         storage,
         nodes,
-        params.ray.shared_filesystem,
-        params.data_storage_options,
-        params.ray.storage_options,
+        opts.ray.shared_filesystem,
+        opts.data_storage_options,
+        opts.ray.storage_options,
     )
-    storage_path, storage_fs = ray_utils.ray_storage(storage, params.ray.storage_options)
+    storage_path, storage_fs = ray_utils.ray_storage(storage, opts.ray.storage_options)
     run_url = ray_utils.join(storage, run_name)
-    echo(f"train: stage {stage} ({res}x{res}) on {nodes} node(s); checkpoints in {run_url}")
+    echo(f"train: stage {stage} ({r}x{r}) on {nodes} node(s); checkpoints in {run_url}")
 
-    uri = tracking.resolve_tracking_uri(params.mlflow.tracking_uri)
-    runs = tracking.PipelineRuns(uri, params.mlflow.experiment)
-    parent = runs.parent()
-    run_id, continued = runs.stage(
-        parent,
-        key=run_name,
-        run_name=f"stage{stage}-{res}x{res}",
-        params=stage_params_for_mlflow(params, stage, run_name, params.ray.workers),
-        tags={"cfebm.stage": str(stage), "cfebm.ray_run": run_name},
-    )
-    logger = tracking.RunLogger(uri, run_id)
-    if not continued:
-        logger.text(yaml.safe_dump(params.public(), sort_keys=False), "config.yaml")
-    echo(f"train: MLflow {uri} run {run_id}" + (" (continued)" if continued else ""))
-    try:
-        job = StageJob(
-            stage=stage,
-            config=to_dict(cfg),
-            data_url=data_url,
-            data_options=params.data_storage_options,
-            warm_start=checkpoint_bytes(prev) if prev is not None else None,
-            start_total_images=prev_images,
-            checkpoint_every=params.checkpoint.every,
-            max_rollbacks=params.rollback.max_rollbacks,
-            lr_factor=params.rollback.lr_factor,
-            reseed=params.rollback.reseed,
-            progress_every_s=params.progress_every_s,
-            threads=params.ray.threads_per_worker,
-            use_gpu=params.ray.use_gpu,
-            tracking_uri=uri,
-            run_id=run_id,
-            log_every=params.mlflow.log_every,
-            sample_every=params.mlflow.sample_every,
-            num_samples=params.mlflow.num_samples,
-            inject_divergence_at_step=params.debug.inject_divergence_at_step,
-            inject_divergence_times=params.debug.inject_divergence_times,
+    track = None
+    if opts.mlflow.enabled:
+        track = tracking.Tracking(opts.mlflow)
+        params = {"train": _cli.public(opts), "stage": stage, "ray_run": run_name}
+        continued = track.start(
+            f"stage{stage}-{r}x{r}", run_name, params, {"cfebm.stage": str(stage)}
         )
+        echo(
+            f"train: MLflow {track.uri} run {track.run_id}" + (" (continued)" if continued else "")
+        )
+    job = {
+        "options": opts,
+        "stage": stage,
+        "config": cfg,
+        "data_url": data_url,
+        "previous": previous,
+        "tracking_uri": track.uri if track else None,
+        "run_id": track.run_id if track else None,
+    }
+    try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=asdict(job),
+            train_loop_config=job,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=params.ray.workers,
-                use_gpu=params.ray.use_gpu,
-                resources_per_worker=params.ray.resources_per_worker,
-                placement_strategy=params.ray.placement_strategy,
+                num_workers=opts.ray.workers,
+                use_gpu=opts.ray.use_gpu,
+                resources_per_worker=opts.ray.resources_per_worker,
+                placement_strategy=opts.ray.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
-                failure_config=ray.train.FailureConfig(max_failures=params.ray.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=params.checkpoint.keep),
+                failure_config=ray.train.FailureConfig(max_failures=opts.ray.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.ray.keep_checkpoints),
                 worker_runtime_env={"env_vars": ray_utils.worker_env()},
-                # Ray Train's per-checkpoint INFO lines drown the progress lines.
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
@@ -232,109 +307,243 @@ def run_stage(params: TrainParams, stage: int, echo=print) -> dict:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise StageError(
-                f"stage {stage} failed after train.ray.max_failures = "
-                f"{params.ray.max_failures} retries: {e}"
+                f"stage {stage} failed after train.ray.max_failures = {opts.ray.max_failures} "
+                f"retries: {e}"
             ) from e
-        fit_seconds = time.time() - t_fit
         summary = dict(result.return_value or {})
-        if summary.get("last") is None and result.metrics:  # resumed a finished stage
-            m = result.metrics
-            summary["last"] = {
-                "loss": m.get("loss"),
-                "e_data": m.get("energy_data"),
-                "e_sample": m.get("energy_sample"),
-            }
+        if summary.get("status") == "config_error":
+            raise ConfigError(summary["error"])
         if summary.get("status") == "diverged":
             raise StageError(summary.get("error") or f"stage {stage} diverged")
         if result.checkpoint is None:
             raise StageError(f"stage {stage} finished without a checkpoint in {run_name}")
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
-        metrics = write_outputs(params, stage, ckpt, logger, summary)
-        metrics.update(
-            {
-                "ray_run": run_url,
-                "mlflow_run_id": run_id,
-                "fit_seconds": round(fit_seconds, 2),
-                "wall_seconds": round(time.time() - t_start, 2),
-            }
+        metrics = write_outputs(opts, stage, model_file(ckpt, cfg), summary, track)
+        info = {
+            "ray_run": run_url,
+            "mlflow_run_id": track.run_id if track else None,
+            "fit_seconds": round(time.time() - t_fit, 2),
+            "wall_seconds": round(time.time() - t_start, 2),
+        }
+        cio.write_bytes(
+            os.path.join(opts.stage_dir(stage), "run.json"),
+            (json.dumps(info, indent=2) + "\n").encode(),
         )
-        write_json(params.metrics_path(stage), metrics)
-        final = {"stage_seconds": fit_seconds}
-        if metrics["images_per_s"]:
-            final["train_images_per_s"] = metrics["images_per_s"]
-        logger.metrics(metrics["step"], final)
-        logger.flush()
+        if track:
+            tracking.log_metrics(
+                track.client, track.run_id, metrics["step"], {"stage_seconds": info["fit_seconds"]}
+            )
     except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):  # killed: leave the runs open to continue
-            runs.end_stage(run_id, "FAILED")
+        if track and not isinstance(e, KeyboardInterrupt):  # killed: leave it to continue
+            track.end("FAILED")
         raise
-    runs.end_stage(run_id, "FINISHED")  # and the parent, unless a later stage reopens it
+    if track:
+        track.end("FINISHED")
     return metrics
 
 
-def write_outputs(params: TrainParams, stage: int, ckpt: dict, logger, summary: dict) -> dict:
-    """model.pt, samples.png, chain.png (DVC outs, also logged to MLflow); the metrics."""
-    ckpt.pop("pipeline", None)
-    model = model_from_checkpoint(ckpt)
-    if not params_finite(model):  # the loop never checkpoints NaN weights; be certain
-        raise StageError(f"stage {stage}: the final model has non-finite weights; not written")
-    out = params.stage_dir(stage)
-    os.makedirs(out, exist_ok=True)
+def write_outputs(opts: TrainStage, stage: int, model_ckpt: dict, summary: dict, track) -> dict:
+    """model.pt, samples.png, chain.png (also logged to MLflow) and the stage's metrics."""
+    model = model_from_checkpoint(model_ckpt)
+    out = opts.stage_dir(stage)
     model_path = os.path.join(out, "model.pt")
-    save_checkpoint(ckpt, model_path)
-    cfg = params.cfebm
-    seed = cfg.train.seed + 2024
-    images = pictures.sample_images(model, cfg.sampler, params.mlflow.num_samples, seed=seed)
-    samples_png = grid_png(images, scale=4)
-    chain_png = pictures.chain_png(pictures.chain_frames(model, cfg.sampler, seed=seed))
-    cio.write_bytes(os.path.join(out, "samples.png"), samples_png)
-    cio.write_bytes(os.path.join(out, "chain.png"), chain_png)
-    state = ckpt["state"]
-    logger.image(pictures.grid(images, scale=2), key="samples", step=state["step"])
-    logger.artifact(os.path.join(out, "samples.png"), "final")
-    logger.artifact(os.path.join(out, "chain.png"), "final")
-    logger.artifact(model_path, "model")
-    last = summary.get("last") or {}
-    return {
+    save_checkpoint(model_ckpt, model_path)
+    pngs = stage_pictures(model, opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
+    for name, png in pngs.items():
+        cio.write_bytes(os.path.join(out, name), png)
+    state, last = model_ckpt["state"], summary.get("last") or {}
+    metrics = {
         "stage": stage,
-        "resolution": cfg.model.resolutions[stage],
+        "resolution": model.resolution(),
         "step": state["step"],
         "stage_images": state["stage_images"],
         "total_images": state["total_images"],
         "status": summary.get("status"),
         "resumed_from_step": summary.get("resumed_from_step"),
         "steps_this_run": summary.get("steps_this_attempt"),
-        "rollbacks": summary.get("rollbacks", 0),
+        "rollbacks": state["rollbacks"],
         "lr": summary.get("lr"),
         "workers": summary.get("world_size"),
         "images_per_s": summary.get("images_per_s"),
+        "gflops": round(state["flops"] / 1e9, 3),
         "loss": last.get("loss"),
         "energy_data": last.get("e_data"),
         "energy_sample": last.get("e_sample"),
+        "best_score": (model_ckpt["best"] or {}).get("score"),
     }
+    cio.write_bytes(
+        os.path.join(opts.metrics, f"train-stage{stage}.json"), _cli.json_bytes(metrics)
+    )
+    if track:
+        c, run_id = track.client, track.run_id
+        tracking.log_png(c, run_id, pngs["samples.png"], key="samples", step=state["step"])
+        for name, png in pngs.items():
+            tracking.log_png(c, run_id, png, f"final/{name}")
+        c.log_artifact(run_id, model_path, "model")
+    return metrics
 
 
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+# --- the workers ------------------------------------------------------------------------------
+
+
+class RayHooks(Hooks):
+    """Checkpoints into Ray Train's storage, metrics and sample grids to MLflow (rank 0),
+    progress lines to the driver's console; the last stage's scores computed on rank 0 and
+    shared with every rank (they decide the same)."""
+
+    def __init__(self, job: dict, rank: int, world: int, scorer: Hooks | None = None):
+        self.job, self.rank, self.world, self.scorer = job, rank, world, scorer
+        self.opts: TrainStage = job["options"]
+        self.run_id = job["run_id"]
+        self.client = tracking.client(job["tracking_uri"]) if rank == 0 and self.run_id else None
+
+    def line(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def _log(self, step: int, values: dict) -> None:
+        if self.client is not None:
+            tracking.log_metrics(self.client, self.run_id, step, values)
+
+    def event(self, name: str, info: dict) -> None:
+        if name == "resumed":
+            self._log(info["step"], {"resumed_from_step": info["step"]})
+        elif name == "rollback":
+            self._log(info["step"], {"rollbacks": info["rollbacks"], "lr": info["lr"]})
+        elif name == "evaluated":
+            self._log(info["step"], {k: v for k, v in info.items() if k != "step"})
+
+    def after_step(self, t: Trainer, r, seconds: float) -> None:
+        step = t.state.step
+        rate = r.images * self.world / seconds if seconds > 0 else None
+        self._log(
+            step,
+            {
+                "loss": r.loss,
+                "energy_data": r.e_data,
+                "energy_sample": r.e_sample,
+                "beta": r.beta,
+                "grad_norm": r.grad_norm,
+                "images_per_s": rate,
+                "stage_images": t.state.stage_images,
+                "lr": t.lr,
+            },
+        )
+        every, n = self.opts.samples.every, self.opts.samples.count
+        if self.client is not None and every and step % every == 0:
+            images = draw(t.model, t.cfg.sampler, n, seed=4242, beta=t.beta)
+            grid = make_grid(images, scale=max(1, 32 // t.resolution))
+            self.client.log_image(self.run_id, grid, key="samples", step=step)
+
+    def evaluate(self, t: Trainer) -> dict | None:
+        values = self.scorer.evaluate(t) if self.scorer is not None else None
+        score = torch.tensor([values["score"] if values else 0.0], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.broadcast(score, src=0)
+        return values or {"score": float(score[0])}
+
+    def checkpoint(self, t: Trainer, info: dict) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="cfebm-ckpt-") as d:
+            save_worker_checkpoint(d, t.state_dict(), self.rank, self.world)
+            metrics = {k: v for k, v in info.items() if k != "name"}
+            ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=info["name"])
+        if self.client is not None:
+            tracking.flush()
+
+
+def scorer(opts: TrainStage, data_url: str, resolution: int) -> ScoreHook:
+    """The last stage's evaluations (``train.selection``), in the configured feature space."""
+    sel = opts.selection
+    store = PyramidStore(data_url, opts.data_storage_options)
+    reference = reference_images(store, "train", resolution, sel.num_reference, opts.optim.seed)
+    extractor = make_extractor(
+        sel.extractor, features=sel.features, inception_weights=sel.inception_weights
+    )
+    return ScoreHook(extractor, reference, metric=sel.metric, num_samples=sel.num_samples)
+
+
+def train_loop_per_worker(job: dict) -> dict:
+    """Ray Train entry point: one worker's part of one stage (returns rank 0's summary)."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger().setLevel(logging.WARNING)
+    opts: TrainStage = job["options"]
+    stage, cfg = job["stage"], job["config"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(opts.ray.threads_per_worker)
+    device = ray.train.torch.get_device() if opts.ray.use_gpu else torch.device("cpu")
+    r = cfg.model.resolutions[stage]
+    last = stage == cfg.model.num_stages - 1 and opts.selection.every_images > 0
+    try:
+        store = PyramidStore(job["data_url"], opts.data_storage_options)
+        images, how = worker_images(store, r, rank, world)
+        score = scorer(opts, job["data_url"], r) if last and rank == 0 else None
+    except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again
+        return {"status": "config_error", "error": str(e)}
+    if rank == 0:
+        print(f"[rank {rank}/{world}] {len(images)} images at {r}x{r}: {how}", flush=True)
+
+    def wrap(net):  # once beta reaches 1 the fade path is unused: DDP must not wait for it
+        unused = {"find_unused_parameters": net.stage > 0}
+        return ray.train.torch.prepare_model(net, parallel_strategy_kwargs=unused)
+
+    checkpoint = ray.train.get_checkpoint()
+    model = None
+    if checkpoint is None and stage > 0:
+        model = next_stage_model(job["previous"], stage, cfg.train.seed, device)
+    data = {r: torch.from_numpy(images)}
+    trainer = Trainer(
+        per_worker(cfg, world),
+        data,
+        device,
+        model=model,
+        world_size=world,
+        rank=rank,
+        wrap_model=wrap,
+    )
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            ckpt, exact = load_worker_checkpoint(d, rank, world)
+        trainer.load_state_dict(ckpt)
+        if not exact:
+            trainer.reshuffle(salt=trainer.state.step)
+    elif stage > 0:
+        trainer.state.total_images = int(job["previous"]["state"]["total_images"])
+        trainer.state.flops = float(job["previous"]["state"]["flops"])
+    loop = opts.loop
+    if last:
+        every = max(1, opts.selection.every_images // cfg.train.batch_for(r))
+        loop = replace(loop, evaluate_every=every, keep_best=True)
+    hooks = [RayHooks(job, rank, world, score)]
+    if opts.debug.inject_divergence_at_step is not None:
+        d = opts.debug
+        hooks.append(InjectDivergence(d.inject_divergence_at_step, d.inject_divergence_times))
+    summary = train_stage(trainer, loop, hooks, resumed=checkpoint is not None)
+    return {**asdict(summary), "world_size": world}
 
 
 def main(argv: list[str] | None = None) -> None:
+    def arguments(p):
+        p.add_argument("--stage", type=int, required=True, help="stage index s (0 = coarsest)")
+
     try:
-        params, args = resolve(argv)
-        if args.dry_run:
-            print(json.dumps(params.public(), indent=2))
+        opts, extra = _cli.parse(TrainStage, "train", argv, doc=__doc__, arguments=arguments)
+        if extra.dry_run:
+            _cli.print_settings({"stage": extra.stage, **_cli.public(opts)})
             return
-        metrics = run_stage(params, args.stage)
-    except (ConfigError, DataError, StageError, ray_utils.ClusterStorageError) as e:
-        sys.exit(f"train: error: {e}")
+        metrics = run_stage(opts, extra.stage)
+    except (ConfigError, DataError, FeatureError, StageError, ray_utils.ClusterStorageError) as e:
+        _cli.fail("train", e)
     print(
-        f"train: stage {args.stage} done: step {metrics['step']}, {metrics['stage_images']} "
+        f"train: stage {extra.stage} done: step {metrics['step']}, {metrics['stage_images']} "
         f"images, loss {metrics['loss']}, {metrics['rollbacks']} rollback(s); wrote "
-        f"{params.stage_dir(args.stage)} and {params.metrics_path(args.stage)}"
+        f"{opts.stage_dir(extra.stage)} and {opts.metrics}/train-stage{extra.stage}.json"
     )
 
 

@@ -1,226 +1,493 @@
 """DVC stage ``tune``: Ray Tune search of the Langevin sampler, with ASHA early stopping.
 
-    python -m pipelines.tune [--params params.yaml] [--num-samples N] [...] [--dry-run]
+    python -m pipelines.tune [--params params.yaml] [--num_samples 8] [...] [--dry-run]
 
-Each trial trains one coarse-to-fine stage (``tune.stage``, by default stage 0 at the
-coarsest resolution; a later stage starts from ``tune.warm_start``) for ``train_steps``
-steps with its own ``step_size`` / ``noise_start`` (and optionally ``steps``), and every
-``eval_every`` steps scores samples of its chain by KID or FID in the feature space of the
-``features`` stage's domain CNN (or Inception). ASHA stops trials that score badly at a
-rung. ``num_samples`` trials, ``max_concurrent_trials`` at a time, within
-``time_budget_s``; each trial a Tune function trainable (pipelines/tune_trial.py).
+Each trial trains one coarse-to-fine stage (``tune.stage``; a later stage starts from
+``tune.warm_start``) with its own ``step_size`` / ``noise_start`` (optionally ``steps``) for
+``train_steps`` steps of cfebm's training loop, the network, base sampler and optimiser
+being ``train.model`` / ``train.sampler`` / ``train.optim`` (with ``tune.optim`` over it).
+Every ``eval_every`` steps it scores samples of its chain by KID or FID in the feature space
+of the ``features`` stage's domain CNN (or Inception) and reports the score with a
+checkpoint; ASHA stops trials that score badly at a rung.
 
-Resuming: the Tune experiment lives in ``<tune.storage>/tune-stage<s>-<r>x<r>-<key>``,
-outside DVC's outputs, where ``<key>`` hashes the settings and inputs. Running the stage
-again after an interruption restores that experiment (``Tuner.restore``): finished trials
-are kept, interrupted ones continue from their last checkpoint, unstarted ones start.
+Resuming: the experiment lives in ``<tune.storage>/tune-stage<s>-<r>x<r>-<key>`` (``<key>``
+hashes the settings and inputs), outside DVC's outputs; running the stage again restores
+it: finished trials are kept, interrupted ones continue from their last checkpoint.
 
-Outputs: ``tune.out`` (default tune/best.json, a DVC out: the best sampler setting, read by
-the training stages when ``train.sampler_from_tune`` points at it, and every trial's
-outcome) and ``tune.metrics`` (DVC metrics). MLflow: a nested ``tune`` run of the pipeline
-run with one nested run per trial (curves, scores, sample grids).
+Outputs: ``tune.out`` (tune/best.json: the best sampler setting, read by the training
+stages when ``train.sampler_from_tune`` points at it, and every trial's outcome) and
+``tune.metrics``. MLflow: a nested ``tune`` run with one nested run per trial.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
 
 from cfebm import io as cio
-from cfebm.checkpoint import load_checkpoint
-from cfebm.config import CFEBMConfig, ConfigError, from_dict, to_dict
-from cfebm.data import DataError
+from cfebm.checkpoint import load_checkpoint, save_checkpoint
+from cfebm.config import CFEBMConfig, ConfigError, build_dataclass
+from cfebm.data import DataError, PyramidStore
 from cfebm.features import FeatureError
-from cfebm.metrics import InceptionWeightsError
-from pipelines import ray_utils
-from pipelines._params import apply_overrides, load_section, nullable, params_argument
-from pipelines.tune_params import (
-    SECTION,
-    Dimension,
-    SearchSpace,
-    TuneParams,
-    baseline_point,
-    experiment_key,
-    params_from_dict,
-    trial_base_config,
-)
-from pipelines.tune_trial import (
-    DIVERGED_SCORE,
-    OUTCOME_TAG,
-    SAMPLES_FILE,
-    TrialJob,
-    find_trial_run,
-    run_trial,
-    trial_tag,
-)
+from cfebm.loop import Hooks, LoopConfig, train_stage
+from cfebm.metrics import EXTRACTORS, FID, KID_MEAN, InceptionWeightsError, MetricsConfig
+from pipelines import _cli, ray_utils, tracking
 
-# Command-line options and the params key each overrides (None: top level of the section).
-OVERRIDES = {
-    "stage": (None, "stage"),
-    "warm_start": (None, "warm_start"),
-    "data": (None, "data"),
-    "features": (None, "features"),
-    "metric": (None, "metric"),
-    "num_samples": (None, "num_samples"),
-    "max_concurrent_trials": (None, "max_concurrent_trials"),
-    "time_budget_s": (None, "time_budget_s"),
-    "train_steps": (None, "train_steps"),
-    "eval_every": (None, "eval_every"),
-    "seed": (None, "seed"),
-    "storage": (None, "storage"),
-    "out": (None, "out"),
-    "metrics": (None, "metrics"),
-    "ray_address": ("ray", "address"),
-    "local_cpus": ("ray", "local_cpus"),
-    "cpus_per_trial": ("ray", "cpus_per_trial"),
-    "mlflow": ("mlflow", "enabled"),
-    "tracking_uri": ("mlflow", "tracking_uri"),
-    "experiment": ("mlflow", "experiment"),
-}
-
+TUNABLE = ("step_size", "noise_start", "steps")
 OUTCOMES = ("completed", "stopped_early", "diverged", "error", "not_run")
+DIVERGED_SCORE = 1.0e6
+"""The score of a trial whose training diverged: worse than any real KID or FID."""
+TRIAL_TAG, OUTCOME_TAG = "cfebm.tune.trial", "cfebm.tune.outcome"
+TRAINER_FILE, SAMPLES_FILE, SCORES_FILE = "trainer.pt", "samples.png", "scores.json"
 
 
-class TuneError(RuntimeError):
-    """The search produced no usable setting (every trial failed or diverged)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = TuneParams()
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.tune",
-        description=__doc__.split("\n\n")[0],
-        epilog="Every other setting is in section 'tune' of params.yaml (pipelines/tune_params.py "
-        "documents each); the network, base sampler and optimiser are train.model, "
-        "train.sampler and train.optim. Values in [brackets] are the built-in defaults.",
-    )
-    params_argument(p)
-    p.add_argument("--stage", type=int, help=f"stage the trials train, 0 = coarsest [{d.stage}]")
-    p.add_argument(
-        "--warm-start",
-        type=nullable,
-        help="stage > 0: checkpoint of stage - 1 that every trial starts from [none]",
-    )
-    p.add_argument("--data", help=f"pyramid dataset root, path or URL [{d.data}]")
-    p.add_argument("--features", help=f"domain extractor weights, path or URL [{d.features}]")
-    p.add_argument("--metric", choices=("kid", "fid"), help=f"score to minimise [{d.metric}]")
-    p.add_argument("--num-samples", type=int, help=f"trials, baseline included [{d.num_samples}]")
-    p.add_argument(
-        "--max-concurrent-trials",
-        type=int,
-        help=f"trials running at once [{d.max_concurrent_trials}]",
-    )
-    p.add_argument(
-        "--time-budget-s",
-        type=float,
-        help=f"wall-clock budget of the search in seconds [{d.time_budget_s}]",
-    )
-    p.add_argument(
-        "--train-steps", type=int, help=f"training steps of a full trial [{d.train_steps}]"
-    )
-    p.add_argument("--eval-every", type=int, help=f"steps between scores [{d.eval_every}]")
-    p.add_argument("--seed", type=int, help=f"seed of the search and the scoring [{d.seed}]")
-    p.add_argument("--storage", help=f"Tune experiment storage, folder or URL [{d.storage}]")
-    p.add_argument("--out", help=f"best-setting JSON to write (DVC out) [{d.out}]")
-    p.add_argument("--metrics", help=f"metrics JSON to write (DVC metrics) [{d.metrics}]")
-    p.add_argument("--ray-address", help="Ray cluster [tune.ray.address, else RAY_ADDRESS]")
-    p.add_argument("--local-cpus", type=int, help="CPUs of a locally started Ray [all]")
-    p.add_argument(
-        "--cpus-per-trial", type=float, help=f"Ray CPUs per trial [{d.ray.cpus_per_trial}]"
-    )
-    p.add_argument(
-        "--mlflow",
-        action=argparse.BooleanOptionalAction,
-        help=f"log the search to MLflow [{d.mlflow.enabled}]",
-    )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI [MLFLOW_TRACKING_URI, else local]")
-    p.add_argument("--experiment", help=f"MLflow experiment [{d.mlflow.experiment}]")
-    return p
-
-
-def resolve(argv: list[str] | None = None) -> tuple[TuneParams, CFEBMConfig, argparse.Namespace]:
-    """(tune settings, the trials' base cfebm config, args) from params.yaml and the CLI."""
-    args = build_parser().parse_args(argv)
-    path = args.params or "params.yaml"
-    section = load_section(path, SECTION, required=bool(args.params))
-    section = apply_overrides(section, args, OVERRIDES)
-    params = params_from_dict(section)
-    base = trial_base_config(params, load_section(path, "train", required=False))
-    return params, base, args
-
-
-# --- the search --------------------------------------------------------------------------
-
-
-def dimension_sampler(name: str, dim: Dimension):
-    """The Ray Tune domain of one dimension."""
-    from ray import tune
-
-    if dim.values is not None:
-        values = [int(v) for v in dim.values] if name == "steps" else list(dim.values)
-        return tune.grid_search(values) if dim.grid else tune.choice(values)
-    if name == "steps":
-        low, high = int(dim.low), int(dim.high)
-        return tune.lograndint(low, high + 1) if dim.log else tune.randint(low, high + 1)
-    return tune.loguniform(dim.low, dim.high) if dim.log else tune.uniform(dim.low, dim.high)
-
-
-def param_space(space: SearchSpace) -> dict:
-    return {name: dimension_sampler(name, dim) for name, dim in space.dimensions().items()}
-
-
-def trial_dirname(trial) -> str:
-    """Short trial folder names (Tune's default repeats the whole config)."""
-    return f"trial-{trial.trial_id}"
+# --- options ----------------------------------------------------------------------------------
 
 
 @dataclass
-class Inputs:
-    """What the trials read besides the data: bytes shipped to every trial, and hashes."""
+class Dimension:
+    """One searched setting: a range [low, high] (log scale with ``log``) or ``values``."""
 
-    warm_start: bytes | None = None
-    features: bytes | None = None
-    keys: dict[str, str] = field(default_factory=dict)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Draw uniformly in log(value): the natural scale of step sizes and noise levels."""
+    values: list[float] | None = None
+    """Explicit candidates instead of a range."""
+    grid: bool = False
+    """With ``values``: try every value in order (``num_samples`` repeats the grid)."""
+
+    def check(self, where: str, integer: bool) -> None:
+        points = self.values if self.values is not None else [self.low, self.high]
+        if self.values is not None and (self.low is not None or self.high is not None):
+            raise ConfigError(f"{where}: give either values or low/high, not both")
+        if self.values is not None and not self.values:
+            raise ConfigError(f"{where}.values is empty")
+        if self.values is None and self.grid:
+            raise ConfigError(f"{where}.grid needs values")
+        if any(v is None for v in points):
+            raise ConfigError(f"{where}: needs low and high (or values)")
+        for v in points:
+            if not math.isfinite(v) or v < 0 or (integer and (int(v) != v or v < 1)):
+                kind = "a positive integer (Langevin steps)" if integer else "a finite number >= 0"
+                raise ConfigError(f"{where}: {v!r} is not {kind}")
+        if self.values is None and not self.low < self.high:
+            raise ConfigError(f"{where}: low {self.low} must be below high {self.high}")
+        if self.values is None and self.log and self.low <= 0:
+            raise ConfigError(f"{where}: a log-scale range needs low > 0, got {self.low}")
+
+    def contains(self, value: float) -> bool:
+        if self.values is not None:
+            return any(math.isclose(value, v, rel_tol=1e-9) for v in self.values)
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.values is not None:
+            return f"{'grid' if self.grid else 'choice'} {list(self.values)}"
+        return f"{'log' if self.log else 'uniform'}[{self.low:g}, {self.high:g}]"
 
 
-def read_inputs(p: TuneParams, base: CFEBMConfig) -> Inputs:
-    """The warm-start model and the extractor weights (checked here, before Ray starts)."""
-    out = Inputs()
-    out.keys["dataset"] = ray_utils.dataset_key(p.data, p.data_storage_options)
-    if p.stage > 0:
-        if not cio.exists(p.warm_start):
+@dataclass
+class SearchSpace:
+    """What the trials vary (null: keep ``train.sampler``'s value)."""
+
+    step_size: Dimension | None = field(default_factory=lambda: Dimension(0.1, 10.0, True))
+    """Langevin step size eta."""
+    noise_start: Dimension | None = field(default_factory=lambda: Dimension(0.003, 0.05, True))
+    """Initial Langevin noise sigma (the schedule then decays to ``noise_end``)."""
+    steps: Dimension | None = None
+    """K, Langevin steps per stage of the chain (integers)."""
+
+    def __post_init__(self) -> None:
+        for name, dim in self.dimensions().items():
+            dim.check(f"tune.space.{name}", integer=name == "steps")
+        if not self.dimensions():
+            raise ConfigError("tune.space searches nothing: set step_size, noise_start or steps")
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {n: getattr(self, n) for n in TUNABLE if getattr(self, n) is not None}
+
+
+@dataclass
+class Asha:
+    """Early stopping (asynchronous successive halving, Li et al. 2018)."""
+
+    enabled: bool = True
+    """false: every trial trains to the end (FIFO)."""
+    grace_steps: int = 20
+    """No trial is stopped before this many training steps."""
+    reduction_factor: float = 2.0
+    """At each rung only the best 1/factor of the trials that reached it go on."""
+
+    def __post_init__(self) -> None:
+        if self.grace_steps < 1 or not self.reduction_factor > 1:
+            raise ConfigError("tune.asha: grace_steps must be >= 1 and reduction_factor > 1")
+
+
+@dataclass
+class TuneRay:
+    address: str | None = None
+    """Ray cluster to join; null: ``RAY_ADDRESS`` if set, else start a local Ray."""
+    local_cpus: int | None = None
+    cpus_per_trial: float = 1.0
+    """Ray CPUs of each trial; also its torch threads."""
+    max_failures: int = 1
+    """Times a failed trial is restarted from its last checkpoint."""
+    keep_checkpoints: int | None = None
+    """Checkpoints kept per trial; null: all (after a kill, Tune's last saved state may name
+    an older checkpoint, which must still exist)."""
+    state_every_s: float | None = 5.0
+    """Seconds between saves of Tune's experiment state (TUNE_GLOBAL_CHECKPOINT_S); null:
+    Ray's default."""
+    verbose: int = 0
+    """Ray Tune's own console tables: 0 none, 1 status updates, 2 every result."""
+
+    def __post_init__(self) -> None:
+        if not self.cpus_per_trial > 0 or self.max_failures < 0 or self.verbose not in (0, 1, 2):
+            raise ConfigError("tune.ray: cpus_per_trial > 0, max_failures >= 0, verbose 0-2")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError("tune.ray.keep_checkpoints must be >= 1 or null")
+
+
+@dataclass
+class TuneStage:
+    """Ray Tune search of the Langevin sampler (params.yaml section ``tune``)."""
+
+    stage: int = 0
+    """The coarse-to-fine stage the trials train (0: the coarsest resolution)."""
+    warm_start: str | None = None
+    """Stage > 0: the model of stage - 1 that every trial starts from."""
+    data: str = "data/pyramid"
+    """The pyramid dataset root: training images and the score's reference."""
+    data_storage_options: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+    metric: str = "kid"
+    """The score ASHA and the choice of the best minimise: kid (reliable with few samples)
+    or fid."""
+    extractor: str = "domain"
+    """Feature space of the score: ``domain`` or ``inception-v3-compat``."""
+    features: str = "models/features.pt"
+    inception_weights: str | None = None
+    train_steps: int = 80
+    """Training steps of a trial that is not stopped early."""
+    eval_every: int = 20
+    """Steps between scores (each a Tune report with a trial checkpoint)."""
+    eval_samples: int = 256
+    """Samples per score (the same seeded chains for every trial: common random numbers)."""
+    num_reference: int | None = 512
+    kid_subsets: int = 50
+    kid_subset_size: int = 256
+    num_samples: int = 4
+    """Trials (with grid values: repetitions of the grid), the baseline included."""
+    max_concurrent_trials: int = 2
+    time_budget_s: float | None = 600.0
+    """Wall-clock budget of one run of the search (null: none)."""
+    include_baseline: bool = True
+    """Make the first trial the current ``train.sampler`` setting (when in the space)."""
+    seed: int = 0
+    space: SearchSpace = field(default_factory=SearchSpace)
+    asha: Asha = field(default_factory=Asha)
+    optim: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``train.optim`` for the trials."""
+    storage: str = "runs/tune"
+    """Ray Tune experiment storage: a local folder outside DVC's outputs, or s3://..."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    shared_filesystem: bool = False
+    out: str = "tune/best.json"
+    metrics: str = "metrics/tune.json"
+    ray: TuneRay = field(default_factory=TuneRay)
+    mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
+    report_delay_s: float = 0.0
+    """Seconds a trial waits after each report (lets a test interrupt a trial mid-way)."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("kid", "fid") or self.extractor not in EXTRACTORS:
+            raise ConfigError(f"tune.metric must be kid or fid, tune.extractor one of {EXTRACTORS}")
+        for name in ("train_steps", "eval_every", "num_samples", "max_concurrent_trials"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tune.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every > self.train_steps:
+            raise ConfigError("tune.eval_every must not exceed tune.train_steps")
+        if self.stage > 0 and not self.warm_start:
             raise ConfigError(
-                f"tune.warm_start {p.warm_start} does not exist: train stage {p.stage - 1} first"
+                f"tune.stage {self.stage} trains from stage {self.stage - 1}'s model: set "
+                "tune.warm_start to its file (e.g. models/stage0/model.pt)"
             )
-        prev = load_checkpoint(p.warm_start)
-        if from_dict(prev["config"]).model != base.model or int(prev["stage"]) != p.stage - 1:
-            raise ConfigError(
-                f"tune.warm_start {p.warm_start} is not a stage-{p.stage - 1} model of "
-                "train.model's network"
+
+
+def tuned_sampler(path: str) -> dict:
+    """The sampler settings of the tune stage's output ``path`` (ConfigError naming it)."""
+    if not cio.exists(path):
+        raise ConfigError(
+            f"train.sampler_from_tune: {path} does not exist; run the tune stage first "
+            "(dvc repro tune), or set it to null"
+        )
+    try:
+        sampler = json.loads(cio.read_bytes(path))["sampler"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"train.sampler_from_tune: {path} is not a tune result ({e})") from e
+    bad = {k: v for k, v in sampler.items() if k not in TUNABLE or not isinstance(v, (int, float))}
+    if bad or not sampler:
+        raise ConfigError(f"train.sampler_from_tune: {path} has invalid sampler settings {bad}")
+    return {k: int(v) if k == "steps" else float(v) for k, v in sampler.items()}
+
+
+def base_config(p: TuneStage, train) -> CFEBMConfig:
+    """The trials' cfebm config: the train section's, ``tune.optim`` over its optimiser."""
+    try:
+        optim = dataclasses.replace(train.optim, **p.optim)
+    except TypeError as e:
+        raise ConfigError(f"tune.optim: {e}") from None
+    cfg = CFEBMConfig(train.model, train.sampler, optim)
+    if p.stage >= cfg.model.num_stages:
+        raise ConfigError(f"tune.stage {p.stage}: train.model has {cfg.model.num_stages} stages")
+    return cfg
+
+
+def with_sampler(cfg: CFEBMConfig, setting: dict) -> CFEBMConfig:
+    values = {k: int(v) if k == "steps" else float(v) for k, v in setting.items()}
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **values))
+
+
+# --- one trial --------------------------------------------------------------------------------
+
+
+class TrialHooks(Hooks):
+    """A trial's reports: every evaluation is a Tune result with a checkpoint; curves and
+    grids go to the trial's MLflow run."""
+
+    def __init__(self, job: dict, trial_id: str, setting: dict, scores: list, reference, extractor):
+        self.job, self.p = job, job["options"]
+        self.trial_id, self.setting, self.scores = trial_id, setting, scores
+        self.reference, self.extractor = reference, extractor
+        self.where = ", ".join(f"{k} {v:.4g}" for k, v in setting.items())
+        self.client = self.run_id = None
+        self.values: dict = {}
+        self.last = None
+
+    def line(self, text: str) -> None:
+        if text.startswith("error"):
+            print(f"tune: trial {self.trial_id} ({self.where}) {text}", flush=True)
+
+    def after_step(self, t, result, seconds) -> None:
+        self.last = result
+        if self.client:
+            values = {
+                "loss": result.loss,
+                "energy_data": result.e_data,
+                "energy_sample": result.e_sample,
+            }
+            tracking.log_metrics(self.client, self.run_id, t.state.step, values)
+
+    def event(self, name: str, info: dict) -> None:
+        if name == "resumed":
+            print(
+                f"tune: trial {self.trial_id} ({self.where}) resumed at step {info['step']}",
+                flush=True,
             )
-        out.warm_start = cio.read_bytes(p.warm_start)
-        out.keys["warm_start"] = hashlib.sha256(out.warm_start).hexdigest()
-    if p.extractor == "domain":
-        if not cio.exists(p.features):
-            raise FeatureError(
-                f"tune.features {p.features} does not exist: train the domain extractor first "
-                "(dvc repro features, or python -m pipelines.features)"
-            )
-        out.features = cio.read_bytes(p.features)
-        out.keys["features"] = hashlib.sha256(out.features).hexdigest()
+            if self.client:
+                tracking.log_metrics(
+                    self.client, self.run_id, info["step"], {"resumed_from_step": info["step"]}
+                )
+
+    def evaluate(self, t) -> dict:
+        from cfebm.metrics import compute_metrics, metric_key
+        from cfebm.sampling import draw
+
+        p = self.p
+        samples = draw(t.model, t.cfg.sampler, p.eval_samples, seed=p.seed, beta=t.beta)
+        cfg = MetricsConfig(
+            fid=p.metric == "fid",
+            kid=True,
+            prc=False,
+            kid_subsets=p.kid_subsets,
+            kid_subset_size=p.kid_subset_size,
+            seed=p.seed,
+        )
+        self.values = compute_metrics(samples, self.reference, self.extractor, cfg)
+        self.key = metric_key(KID_MEAN if p.metric == "kid" else FID, self.extractor.label)
+        self.samples = samples
+        return {"score": self.values[self.key]}
+
+    def checkpoint(self, t, info: dict) -> None:
+        import ray.tune
+
+        from cfebm.images import grid_png
+
+        step, score = t.state.step, self.values[self.key]
+        r = self.last
+        print(
+            f"tune: trial {self.trial_id} ({self.where}) step {step}/{self.p.train_steps}: "
+            f"{self.key} {score:.4g}, loss {r.loss:+.4f}",
+            flush=True,
+        )
+        png = grid_png(self.samples[:64], scale=max(1, 32 // t.resolution))
+        if self.client:
+            tracking.log_metrics(self.client, self.run_id, step, {**self.values, "score": score})
+            tracking.log_png(self.client, self.run_id, png, key="samples", step=step)
+            tracking.flush()
+        self.scores.append([step, score])
+        report = {
+            "step": step,
+            "score": score,
+            **self.values,
+            "loss": r.loss,
+            "energy_data": r.e_data,
+            "energy_sample": r.e_sample,
+            "beta": t.beta,
+            "diverged": 0,
+        }
+        with tempfile.TemporaryDirectory(prefix="cfebm-tune-") as d:
+            save_checkpoint(t.state_dict(), os.path.join(d, TRAINER_FILE))
+            cio.write_bytes(os.path.join(d, SAMPLES_FILE), png)
+            cio.write_bytes(os.path.join(d, SCORES_FILE), json.dumps(self.scores).encode())
+            ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(d))
+        if self.p.report_delay_s:
+            time.sleep(self.p.report_delay_s)
+
+
+def _open_trial_run(job: dict, trial_id: str, setting: dict) -> tuple:
+    """(client, run id) of the trial's MLflow run under the tune run, continued when the
+    trial resumes; (None, None) without MLflow."""
+    if not job.get("tune_run_id"):
+        return None, None
+    from mlflow.entities import Param
+
+    c = tracking.client(job["tracking_uri"])
+    tag = f"{job['experiment']}/{trial_id}"
+    found = c.search_runs([job["experiment_id"]], f"tags.`{TRIAL_TAG}` = '{tag}'", max_results=1)
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")  # its own attempt, not finished
+        return c, found[0].info.run_id
+    tags = {
+        "mlflow.parentRunId": job["tune_run_id"],
+        tracking.KIND_TAG: "trial",
+        "cfebm.stage": "tune",
+        TRIAL_TAG: tag,
+    }
+    run_id = c.create_run(job["experiment_id"], run_name=f"trial-{trial_id}", tags=tags).info.run_id
+    params = {**setting, "stage": job["options"].stage, "trial_id": trial_id}
+    c.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return c, run_id
+
+
+def run_trial(config: dict, job: dict) -> None:
+    """Tune function trainable: train the stage with the sampler setting ``config`` through
+    cfebm's loop and report the score every ``eval_every`` steps."""
+    import ray.tune
+
+    from cfebm.evaluate import reference_images
+    from cfebm.metrics import make_extractor
+    from cfebm.trainer import Trainer, next_stage_model
+
+    p: TuneStage = job["options"]
+    torch.set_num_threads(max(1, int(p.ray.cpus_per_trial)))
+    trial_id = ray.tune.get_context().get_trial_id()
+    setting = dict(config)
+    cfg = with_sampler(job["config"], setting)
+    r = cfg.model.resolutions[p.stage]
+    store = PyramidStore(job["data_url"], p.data_storage_options)
+    images = torch.from_numpy(np.array(store.read("train", r)))
+    reference = reference_images(store, p.split, r, p.num_reference, p.seed)
+    features = None
+    if job["features"] is not None:
+        features = os.path.join(
+            tempfile.gettempdir(),
+            f"cfebm-features-{hashlib.sha256(job['features']).hexdigest()[:16]}.pt",
+        )
+        if not os.path.exists(features):
+            cio.write_bytes(features, job["features"])
+    extractor = make_extractor(
+        p.extractor, features=features, inception_weights=p.inception_weights
+    )
+    model = next_stage_model(job["previous"], p.stage, cfg.train.seed) if p.stage else None
+    trainer = Trainer(cfg, {r: images}, model=model)
+    scores: list = []
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(load_checkpoint(os.path.join(d, TRAINER_FILE)))
+            scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
+    hooks = TrialHooks(job, trial_id, setting, scores, reference, extractor)
+    try:
+        hooks.client, hooks.run_id = _open_trial_run(job, trial_id, setting)
+    except Exception as e:  # the tracking server is not worth a trial
+        print(f"warning: trial {trial_id}: no MLflow run ({type(e).__name__}: {e})", flush=True)
+    loop = LoopConfig(
+        checkpoint_every=p.eval_every,
+        evaluate_every=p.eval_every,
+        max_rollbacks=0,
+        progress_every_s=math.inf,
+    )
+    left = p.train_steps - trainer.state.step
+    summary = train_stage(trainer, loop, [hooks], max_steps=left, resumed=checkpoint is not None)
+    if summary.status == "diverged":
+        # A setting that diverges is a bad setting: rolling it back would only hide that.
+        if hooks.client:
+            tracking.log_metrics(hooks.client, hooks.run_id, summary.step + 1, {"diverged": 1})
+            tracking.flush()
+        ray.tune.report({"step": summary.step + 1, "score": DIVERGED_SCORE, "diverged": 1})
+
+
+# --- the search -------------------------------------------------------------------------------
+
+
+def _resumable_asha(**kw):
+    """ASHA whose rungs survive ``Tuner.restore``: the scores stored in each restored
+    trial's checkpoint (``scores.json``) are replayed into its bracket, so that stopping
+    goes on as if the search had never been interrupted (a restored ASHAScheduler starts
+    with empty rungs)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        def on_trial_add(self, tune_controller, trial) -> None:
+            super().on_trial_add(tune_controller, trial)
+            ckpt = getattr(trial, "checkpoint", None)
+            if ckpt is None:
+                return
+            try:
+                with ckpt.filesystem.open_input_stream(
+                    f"{ckpt.path.rstrip('/')}/{SCORES_FILE}"
+                ) as f:
+                    history = json.loads(f.readall())
+            except (OSError, ValueError):
+                return
+            for step, score in history:
+                if step < self._max_t:
+                    self._trial_info[trial.trial_id].on_result(trial, step, self._metric_op * score)
+
+    return ResumableASHA(**kw)
+
+
+def param_space(space: SearchSpace) -> dict:
+    from ray import tune
+
+    out = {}
+    for name, dim in space.dimensions().items():
+        if dim.values is not None:
+            values = [int(v) for v in dim.values] if name == "steps" else list(dim.values)
+            out[name] = tune.grid_search(values) if dim.grid else tune.choice(values)
+        elif name == "steps":
+            rnd = tune.lograndint if dim.log else tune.randint
+            out[name] = rnd(int(dim.low), int(dim.high) + 1)
+        else:
+            out[name] = (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
     return out
 
 
 @dataclass
 class TrialSummary:
-    """One trial as the outputs and the console show it."""
-
     trial_id: str | None
     setting: dict
     outcome: str
@@ -228,85 +495,128 @@ class TrialSummary:
     score: float | None = None
     error: str | None = None
     score_key: str | None = None
-    """The score's metric key, e.g. ``kid_mean_cfebm-digits-cnn``."""
 
 
-def summarize(grid, p: TuneParams) -> list[TrialSummary]:
-    """Every trial of a finished search, with its outcome.
-
-    completed: trained all ``train_steps``; stopped_early: stopped by ASHA (or by the time
-    budget) after at least one score; diverged; error; not_run (the budget ran out first).
-    """
-    trials = []
+def summarize(grid, p: TuneStage) -> list[TrialSummary]:
+    """Every trial's outcome: completed (all train_steps), stopped_early (by ASHA or the
+    time budget, after a score), diverged, error, not_run."""
+    out = []
     for result in grid:
-        metrics = result.metrics or {}
-        config = result.config or {}
-        setting = {
-            k: config[k] for k in sorted(config) if k in ("step_size", "noise_start", "steps")
-        }
-        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path)).removeprefix(
-            "trial-"
-        )
-        step = int(metrics.get("step") or 0)
-        score = metrics.get("score")
+        m, config = result.metrics or {}, result.config or {}
+        trial_id = os.path.basename(str(result.path)).removeprefix("trial-")
+        step, score = int(m.get("step") or 0), m.get("score")
         if result.error is not None:
             outcome = "error"
-        elif metrics.get("diverged"):
+        elif m.get("diverged"):
             outcome = "diverged"
         elif score is None:
             outcome = "not_run"
-        elif step >= p.train_steps:
-            outcome = "completed"
         else:
-            outcome = "stopped_early"
-        if outcome in ("diverged", "not_run", "error") or not _finite(score):
-            score = None
-        error = str(result.error).splitlines()[0][:500] if result.error is not None else None
+            outcome = "completed" if step >= p.train_steps else "stopped_early"
+        good = (
+            outcome in ("completed", "stopped_early") and score is not None and math.isfinite(score)
+        )
         prefix = "kid_mean_" if p.metric == "kid" else "fid_"
-        key = next((k for k in metrics if k.startswith(prefix)), None)
-        trials.append(TrialSummary(trial_id, setting, outcome, step, score, error, key))
-    return sorted(trials, key=lambda t: str(t.trial_id))
+        out.append(
+            TrialSummary(
+                trial_id,
+                {k: config[k] for k in sorted(config) if k in TUNABLE},
+                outcome,
+                step,
+                score if good else None,
+                str(result.error).splitlines()[0][:500] if result.error is not None else None,
+                next((k for k in m if k.startswith(prefix)), None),
+            )
+        )
+    return sorted(out, key=lambda t: str(t.trial_id))
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x < DIVERGED_SCORE
+class TuneError(RuntimeError):
+    """The search produced no usable setting."""
 
 
 def pick_best(trials: list[TrialSummary]) -> TrialSummary:
-    """The trial trained furthest, then with the lowest score.
-
-    Scores are only comparable at equal training: a trial that ASHA stopped at step 20 is
-    not better than a finished one because its early score happens to be lower.
-    """
+    """The trial trained furthest, then with the lowest score (scores compare only at equal
+    training: an early ASHA stop is not better for its early score)."""
     scored = [t for t in trials if t.score is not None]
     if not scored:
+        counts = ", ".join(
+            f"{n} {o}" for o in OUTCOMES if (n := sum(t.outcome == o for t in trials))
+        )
         errors = [f"{t.trial_id}: {t.error}" for t in trials if t.error]
         raise TuneError(
-            "no trial produced a score ("
-            + ", ".join(f"{n} {o}" for o in OUTCOMES if (n := sum(t.outcome == o for t in trials)))
-            + ")"
+            f"no trial produced a score ({counts})"
             + (f"; first error: {errors[0]}" if errors else "")
             + ". Narrow tune.space (smaller step sizes diverge less) or raise time_budget_s."
         )
     return min(scored, key=lambda t: (-t.step, t.score))
 
 
-def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
+def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
+    """A hash of what the search's result depends on: the same settings and inputs restore
+    the experiment, others start a new one."""
+    d = dataclasses.asdict(p)
+    for key in (
+        "storage",
+        "storage_options",
+        "shared_filesystem",
+        "out",
+        "metrics",
+        "mlflow",
+        "report_delay_s",
+        "data",
+        "features",
+        "warm_start",
+        "data_storage_options",
+    ):
+        d.pop(key)
+    d["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}  # threads change the numbers slightly
+    blob = json.dumps(
+        {"tune": d, "config": dataclasses.asdict(cfg), "inputs": inputs},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
     """Run (or continue) the search; write the best setting and the metrics; return them."""
-    # Ray folds similar lines from workers into one ("repeated 10x", read when ray is first
-    # imported): the trials' score lines differ only in numbers, and each of them matters.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's score line matters
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipelines.tune_scheduler import ResumableASHA
+    from cfebm.trainer import model_from_checkpoint
 
-    t_start = time.time()
-    resolution = base.model.resolutions[p.stage]
-    inputs = read_inputs(p, base)
-    key = experiment_key(p, base, inputs.keys)
-    name = f"tune-stage{p.stage}-{resolution}x{resolution}-{key}"
+    t0 = time.time()
+    store = PyramidStore(p.data, p.data_storage_options)
+    cfg = dataclasses.replace(cfg, model=cfg.model.with_channels(store.channels))
+    r = cfg.model.resolutions[p.stage]
+    inputs, previous, features = (
+        {"dataset": ray_utils.dataset_key(p.data, p.data_storage_options)},
+        None,
+        None,
+    )
+    if p.stage > 0:
+        if not cio.exists(p.warm_start):
+            raise ConfigError(
+                f"tune.warm_start {p.warm_start} does not exist: train stage {p.stage - 1} first"
+            )
+        previous = load_checkpoint(p.warm_start)
+        prev = model_from_checkpoint(previous)
+        if prev.cfg != cfg.model or prev.stage != p.stage - 1:
+            raise ConfigError(
+                f"tune.warm_start {p.warm_start} is not a stage-{p.stage - 1} model of train.model"
+            )
+        inputs["warm_start"] = hashlib.sha256(cio.read_bytes(p.warm_start)).hexdigest()
+    if p.extractor == "domain":
+        if not cio.exists(p.features):
+            raise FeatureError(
+                f"tune.features {p.features} does not exist: run the features stage first"
+            )
+        features = cio.read_bytes(p.features)
+        inputs["features"] = hashlib.sha256(features).hexdigest()
+    name = f"tune-stage{p.stage}-{r}x{r}-{experiment_key(p, cfg, inputs)}"
 
     echo(f"tune: {ray_utils.connect(p.ray.address, p.ray.local_cpus)}")
     nodes = len(ray_utils.alive_nodes())
@@ -319,59 +629,26 @@ def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
 
-    runs = parent = tune_run = None
-    uri = experiment_id = None
+    track = None
+    job = {
+        "options": p,
+        "config": cfg,
+        "data_url": data_url,
+        "previous": previous,
+        "features": features,
+        "experiment": name,
+        "tune_run_id": None,
+    }
     if p.mlflow.enabled:
-        from pipelines import tracking
-
-        uri = tracking.resolve_tracking_uri(p.mlflow.tracking_uri)
-        runs = tracking.PipelineRuns(uri, p.mlflow.experiment)
-        experiment_id = runs.experiment_id
-        parent = runs.parent()
-        mlflow_params = tracking.flatten(p.public())
-        mlflow_params.update(
-            {
-                "experiment": name,
-                "resolution": str(resolution),
-                **{f"base.sampler.{k}": str(v) for k, v in to_dict(base.sampler).items()},
-            }
+        track = tracking.Tracking(p.mlflow)
+        continued = track.start(
+            f"tune-stage{p.stage}", name, {"tune": _cli.public(p)}, {"cfebm.stage": "tune"}
         )
-        tune_run, continued = runs.stage(
-            parent,
-            key=name,
-            run_name=f"tune-stage{p.stage}",
-            params=mlflow_params,
-            tags={"cfebm.stage": "tune", "cfebm.tune.experiment": name},
+        job.update(
+            tracking_uri=track.uri, experiment_id=track.experiment_id, tune_run_id=track.run_id
         )
-        echo(f"tune: MLflow {uri} run {tune_run}" + (" (continued)" if continued else ""))
-
+        echo(f"tune: MLflow {track.uri} run {track.run_id}" + (" (continued)" if continued else ""))
     try:
-        job = TrialJob(
-            experiment=name,
-            stage=p.stage,
-            config=to_dict(base),
-            data_url=data_url,
-            data_options=p.data_storage_options,
-            split=p.split,
-            warm_start=inputs.warm_start,
-            extractor=p.extractor,
-            features=inputs.features,
-            inception_weights=p.inception_weights,
-            metric=p.metric,
-            train_steps=p.train_steps,
-            eval_every=p.eval_every,
-            eval_samples=p.eval_samples,
-            num_reference=p.num_reference,
-            kid_subsets=p.kid_subsets,
-            kid_subset_size=p.kid_subset_size,
-            seed=p.seed,
-            threads=p.ray.threads,
-            tracking_uri=uri,
-            experiment_id=experiment_id,
-            tune_run_id=tune_run,
-            log_every=p.mlflow.log_every,
-            report_delay_s=p.debug.report_delay_s,
-        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, job=job), {"cpu": p.ray.cpus_per_trial}
         )
@@ -385,12 +662,12 @@ def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
                 storage_filesystem=storage_fs,
             )
         else:
-            baseline = baseline_point(p.space, base.sampler) if p.include_baseline else None
-            if p.include_baseline and baseline is None:
-                echo("tune: train.sampler lies outside tune.space: no baseline trial")
+            baseline = {n: getattr(cfg.sampler, n) for n in p.space.dimensions()}
+            inside = all(d.contains(baseline[n]) for n, d in p.space.dimensions().items())
+            baseline = baseline if p.include_baseline and inside else None
             scheduler = FIFOScheduler()
             if p.asha.enabled:
-                scheduler = ResumableASHA(
+                scheduler = _resumable_asha(
                     time_attr="step",
                     max_t=p.train_steps,
                     grace_period=min(p.asha.grace_steps, p.train_steps),
@@ -398,7 +675,7 @@ def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
                 )
             echo(
                 f"tune: new experiment {exp_path}: {p.num_samples} trial(s) of stage {p.stage} "
-                f"({resolution}x{resolution}), {p.max_concurrent_trials} at a time; "
+                f"({r}x{r}), {p.max_concurrent_trials} at a time; "
                 + ", ".join(f"{n} {d.describe()}" for n, d in p.space.dimensions().items())
             )
             tuner = tune.Tuner(
@@ -415,15 +692,13 @@ def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
                     ),
                     num_samples=p.num_samples,
                     time_budget_s=p.time_budget_s,
-                    reuse_actors=p.ray.reuse_actors,
-                    trial_dirname_creator=trial_dirname,
+                    reuse_actors=True,
+                    trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
                 ),
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=storage_path,
                     storage_filesystem=storage_fs,
-                    # Every checkpoint is kept (num_to_keep=None): after a kill, the last
-                    # saved experiment state may name an older one, which must still exist.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=p.ray.keep_checkpoints),
                     failure_config=tune.FailureConfig(max_failures=p.ray.max_failures),
                     verbose=p.ray.verbose,
@@ -431,136 +706,98 @@ def run_tune(p: TuneParams, base: CFEBMConfig, echo=print) -> dict:
             )
         if p.ray.state_every_s is not None:  # read by Tune's controller when fit() starts
             os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(p.ray.state_every_s)
-        # On Ctrl-C Tune would end the search "gracefully" and return its partial results
-        # as if it had finished; a KeyboardInterrupt instead leaves no outputs, and the
-        # next run restores the experiment from its last saved state.
+        # On Ctrl-C Tune would end "gracefully" and return partial results as if finished;
+        # a KeyboardInterrupt instead leaves no outputs and the next run restores the search.
         os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         t_fit = time.time()
         grid = tuner.fit()
-        fit_seconds = time.time() - t_fit
         if grid.num_terminated + grid.num_errors < len(grid):
             raise KeyboardInterrupt(
-                f"tune: interrupted; run the stage again to continue the experiment {exp_path}"
+                f"tune: interrupted; run the stage again to continue {exp_path}"
             )
         trials = summarize(grid, p)
         best = pick_best(trials)
-        summary = write_outputs(p, base, trials, best, name, exp_path, restoring)
-        summary["metrics"].update(
-            {"fit_seconds": round(fit_seconds, 2), "wall_seconds": round(time.time() - t_start, 2)}
-        )
-        write_json(p.metrics, summary["metrics"])
-        if runs is not None:
-            log_results(runs, uri, tune_run, name, experiment_id, trials, best, grid, summary)
+        result = {
+            "sampler": best.setting,
+            "score": best.score,
+            "metric": p.metric,
+            "metric_key": best.score_key,
+            "step": best.step,
+            "trial_id": best.trial_id,
+            "stage": p.stage,
+            "resolution": r,
+            "baseline": {k: getattr(cfg.sampler, k) for k in p.space.dimensions()},
+            "experiment": exp_path,
+            "trials": [dataclasses.asdict(t) for t in trials],
+        }
+        counts = {o: sum(t.outcome == o for t in trials) for o in OUTCOMES}
+        metrics = {
+            "best_score": best.score,
+            **{f"best_{k}": v for k, v in best.setting.items()},
+            "trials": len(trials),
+            **counts,
+            "restored": restoring,
+        }
+        cio.write_bytes(p.out, (json.dumps(result, indent=2) + "\n").encode())
+        cio.write_bytes(p.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
+        if track:
+            log_results(track, job, trials, best, grid, result, metrics, time.time() - t_fit)
     except BaseException as e:
-        if runs is not None and not isinstance(e, KeyboardInterrupt):
-            runs.end_stage(tune_run, "FAILED")
-            runs.end_pipeline(parent, "FAILED")
+        if track and not isinstance(e, KeyboardInterrupt):
+            track.end("FAILED")
         raise
-    if runs is not None:
-        runs.end_stage(tune_run, "FINISHED")  # the pipeline run stays open for training
-    print_table(trials, best, echo)
-    return summary
-
-
-# --- outputs -------------------------------------------------------------------------------
-
-
-def write_outputs(
-    p: TuneParams,
-    base: CFEBMConfig,
-    trials: list[TrialSummary],
-    best: TrialSummary,
-    name: str,
-    exp_path: str,
-    restored: bool,
-) -> dict:
-    """``tune.out`` (the best setting and every trial) and the metrics (returned; the
-    caller adds timings and writes them)."""
-    resolution = base.model.resolutions[p.stage]
-    baseline = {k: getattr(base.sampler, k) for k in p.space.dimensions()}
-    best_json = {
-        "sampler": best.setting,
-        "score": best.score,
-        "metric": p.metric,
-        "metric_key": best.score_key,
-        "step": best.step,
-        "trial_id": best.trial_id,
-        "stage": p.stage,
-        "resolution": resolution,
-        "baseline": baseline,
-        "experiment": exp_path,
-        "trials": [asdict(t) for t in trials],
-    }
-    cio.write_bytes(p.out, (json.dumps(best_json, indent=2) + "\n").encode())
-    counts = {o: sum(t.outcome == o for t in trials) for o in OUTCOMES}
-    metrics = {
-        "best_score": best.score,
-        **{f"best_{k}": v for k, v in best.setting.items()},
-        "trials": len(trials),
-        **counts,
-        "restored": restored,
-        "experiment": name,
-    }
-    return {"best": best_json, "metrics": metrics}
-
-
-def write_json(path: str, data: dict) -> None:
-    cio.write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def log_results(runs, uri, tune_run, name, experiment_id, trials, best, grid, summary) -> None:
-    """Close every trial's MLflow run with its outcome; log the result to the tune run."""
-    from pipelines.tracking import RunLogger
-
-    client = runs.client
-    for t in trials:
-        if t.trial_id is None:
-            continue
-        run_id = find_trial_run(client, experiment_id, trial_tag(name, t.trial_id))
-        if run_id is None:
-            continue
-        client.set_tag(run_id, OUTCOME_TAG, t.outcome)
-        client.set_terminated(run_id, "FAILED" if t.outcome == "error" else "FINISHED")
-    logger = RunLogger(uri, tune_run)
-    numbers = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
-    logger.metrics(0, {k: float(v) for k, v in numbers.items() if v is not None})
-    logger.flush()
-    client.set_tag(tune_run, "cfebm.tune.best_trial", str(best.trial_id))
-    logger.text(json.dumps(summary["best"], indent=2), "tune/best.json")
-    for result in grid:
-        if (result.metrics or {}).get("trial_id") != best.trial_id or result.checkpoint is None:
-            continue
-        with result.checkpoint.as_directory() as d:
-            png = os.path.join(d, SAMPLES_FILE)
-            if os.path.exists(png):
-                with open(png, "rb") as f:
-                    logger.png(f.read(), "tune/best_samples.png")
-
-
-def print_table(trials: list[TrialSummary], best: TrialSummary, echo=print) -> None:
-    keys = sorted({k for t in trials for k in t.setting})
-    echo(
-        "tune: "
-        + "  ".join(["trial".ljust(12), *(k.ljust(11) for k in keys), "outcome       step  score"])
-    )
+    if track:
+        track.end("FINISHED")
     for t in sorted(trials, key=lambda t: (t.score is None, t.score or 0.0)):
-        mark = "*" if t is best else " "
-        cells = [f"{t.setting.get(k, float('nan')):<11.4g}" for k in keys]
+        setting = ", ".join(f"{k} {v:.4g}" for k, v in t.setting.items())
         score = f"{t.score:.4g}" if t.score is not None else "-"
-        echo(
-            f"tune:{mark}"
-            + "  ".join([str(t.trial_id).ljust(12), *cells, t.outcome.ljust(13)])
-            + f" {t.step:>5}  {score}"
-        )
+        mark = "*" if t is best else " "
+        echo(f"tune:{mark} {t.trial_id}  {setting}  {t.outcome} at step {t.step}: {score}")
+    echo(f"tune: {time.time() - t0:.0f} s")
+    return result
+
+
+def log_results(track, job, trials, best, grid, result, metrics, fit_seconds) -> None:
+    """Close every trial's run with its outcome; the result on the tune run."""
+    c = track.client
+    for t in trials:
+        tag = f"{job['experiment']}/{t.trial_id}"
+        found = c.search_runs([track.experiment_id], f"tags.`{TRIAL_TAG}` = '{tag}'", max_results=1)
+        if found:
+            c.set_tag(found[0].info.run_id, OUTCOME_TAG, t.outcome)
+            c.set_terminated(found[0].info.run_id, "FAILED" if t.outcome == "error" else "FINISHED")
+    numbers = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
+    }
+    tracking.log_metrics(c, track.run_id, 0, {**numbers, "fit_seconds": fit_seconds})
+    c.set_tag(track.run_id, "cfebm.tune.best_trial", str(best.trial_id))
+    c.log_text(track.run_id, json.dumps(result, indent=2), "tune/best.json")
+    for res in grid:
+        if (
+            os.path.basename(str(res.path)) == f"trial-{best.trial_id}"
+            and res.checkpoint is not None
+        ):
+            with res.checkpoint.as_directory() as d:
+                if os.path.exists(os.path.join(d, SAMPLES_FILE)):
+                    tracking.log_png(
+                        c,
+                        track.run_id,
+                        cio.read_bytes(os.path.join(d, SAMPLES_FILE)),
+                        "tune/best_samples.png",
+                    )
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipelines.train import TrainStage
+
     try:
-        params, base, args = resolve(argv)
-        if args.dry_run:
-            print(json.dumps({**params.public(), "base_config": to_dict(base)}, indent=2))
+        p, extra = _cli.parse(TuneStage, "tune", argv, doc=__doc__)
+        train = build_dataclass(TrainStage, _cli.load_section(extra.params, "train"), "train")
+        cfg = base_config(p, train)
+        if extra.dry_run:
+            _cli.print_settings({**_cli.public(p), "base_config": dataclasses.asdict(cfg)})
             return
-        summary = run_tune(params, base)
+        best = run_tune(p, cfg)
     except (
         ConfigError,
         DataError,
@@ -569,14 +806,13 @@ def main(argv: list[str] | None = None) -> None:
         TuneError,
         ray_utils.ClusterStorageError,
     ) as e:
-        sys.exit(f"tune: error: {e}")
+        _cli.fail("tune", e)
     except KeyboardInterrupt as e:
         sys.exit(str(e) or "tune: interrupted; run the stage again to continue")
-    best = summary["best"]
     setting = ", ".join(f"{k} {v:.4g}" for k, v in best["sampler"].items())
     print(
         f"tune: best {setting}: {best['metric_key']} {best['score']:.4g} at step {best['step']} "
-        f"(trial {best['trial_id']}); wrote {params.out} and {params.metrics}"
+        f"(trial {best['trial_id']}); wrote {p.out} and {p.metrics}"
     )
 
 

@@ -9,7 +9,7 @@ result in shards from local disk or any fsspec URL.
 from cfebm.data.errors import DataError
 from cfebm.data.prepare import PrepareConfig, prepare
 from cfebm.data.pyramid import PyramidConfig, build_pyramid, mean_pool2x
-from cfebm.data.store import PyramidStore, shards_for_worker, to_unit_range
+from cfebm.data.store import PyramidStore, shards_for_worker, to_unit_range, worker_images
 
 __all__ = [
     "DataError",
@@ -21,4 +21,5 @@ __all__ = [
     "prepare",
     "shards_for_worker",
     "to_unit_range",
+    "worker_images",
 ]

@@ -28,21 +28,36 @@ class PrepareConfig:
     The defaults here are the only defaults; params.yaml and the CLI override them.
     """
 
-    source: str = "digits"  # digits | shapes | cifar10 | folder
-    url: str | None = None  # cifar10: archive (or extracted folder); folder: image folder
-    out: str = "data/prepared"  # dataset root to write (local path or fsspec URL)
-    resolution: int = 16  # finest resolution (power of two); images are resized to it
-    channels: int | None = None  # 1 or 3; None: the source's own (digits 1, others 3)
-    seed: int = 0  # seeds the train/test split (digits, folder) and generation (shapes)
-    test_fraction: float = 0.2  # digits, folder: share of images in the test split
-    num_train: int = 5000  # shapes: number of training scenes
-    num_test: int = 1000  # shapes: number of test scenes
-    domain: str | None = None  # shapes: None, "a" (red-ish objects) or "b" (blue-ish)
-    folder_labels: bool = False  # folder: first-level sub-folder names are class labels
-    resample: str = "bilinear"  # PIL filter for resizing: nearest|box|bilinear|bicubic|lanczos
-    shard_size: int = 4096  # images per shard (the unit of reading and of worker sharding)
-    skip_corrupt: bool = False  # folder: skip unreadable images (recorded) instead of failing
-    storage_options: dict = field(default_factory=dict)  # fsspec options for url and out
+    source: str = "digits"
+    """Digits | shapes | cifar10 | folder."""
+    url: str | None = None
+    """Cifar10: archive (or extracted folder); folder: image folder."""
+    out: str = "data/prepared"
+    """Dataset root to write (local path or fsspec URL)."""
+    resolution: int = 16
+    """Finest resolution (power of two); images are resized to it."""
+    channels: int | None = None
+    """1 or 3; None: the source's own (digits 1, others 3)."""
+    seed: int = 0
+    """Seeds the train/test split (digits, folder) and generation (shapes)."""
+    test_fraction: float = 0.2
+    """Digits, folder: share of images in the test split."""
+    num_train: int = 5000
+    """Shapes: number of training scenes."""
+    num_test: int = 1000
+    """Shapes: number of test scenes."""
+    domain: str | None = None
+    """Shapes: None, "a" (red-ish objects) or "b" (blue-ish)."""
+    folder_labels: bool = False
+    """Folder: first-level sub-folder names are class labels."""
+    resample: str = "bilinear"
+    """PIL filter for resizing: nearest|box|bilinear|bicubic|lanczos."""
+    shard_size: int = 4096
+    """Images per shard (the unit of reading and of worker sharding)."""
+    skip_corrupt: bool = False
+    """Folder: skip unreadable images (recorded) instead of failing."""
+    storage_options: dict = field(default_factory=dict)
+    """Fsspec options for url and out."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

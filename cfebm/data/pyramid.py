@@ -52,10 +52,14 @@ def pool_levels(images: np.ndarray, resolutions: list[int]) -> Iterator[tuple[in
 class PyramidConfig:
     """Settings of the ``pyramid`` stage (params.yaml section ``pyramid``)."""
 
-    input: str = "data/prepared"  # a prepared dataset root (local path or fsspec URL)
-    out: str = "data/pyramid"  # where the pyramid root goes (local path or fsspec URL)
-    coarsest: int = 4  # coarsest resolution, a power of two <= the prepared resolution
-    storage_options: dict = field(default_factory=dict)  # fsspec options for input and out
+    input: str = "data/prepared"
+    """A prepared dataset root (local path or fsspec URL)."""
+    out: str = "data/pyramid"
+    """Where the pyramid root goes (local path or fsspec URL)."""
+    coarsest: int = 4
+    """Coarsest resolution, a power of two <= the prepared resolution."""
+    storage_options: dict = field(default_factory=dict)
+    """Fsspec options for input and out."""
 
     def __post_init__(self) -> None:
         for name in ("input", "out"):

@@ -142,6 +142,15 @@ class PyramidStore:
             return np.empty(shape, dtype=self.dtype(resolution))
         return np.concatenate(arrays)
 
+    def subset(self, split: str, resolution: int, num: int | None, seed: int) -> np.ndarray:
+        """The split's images at ``resolution``: all of them, or a seeded subset of ``num``
+        in dataset order (the same seed gives the same images)."""
+        images = self.read(split, resolution)
+        if num is not None and num < len(images):
+            idx = np.sort(np.random.default_rng(seed).choice(len(images), num, replace=False))
+            images = images[idx]
+        return images
+
     def labels(self, split: str, shards: list[int] | None = None) -> np.ndarray:
         """int64 labels [n] or [n, L] of the listed shards (all when None), in shard order."""
         if not self.has_labels:
@@ -234,6 +243,22 @@ def shards_for_worker(num_shards: int, rank: int, world_size: int) -> list[int]:
             "or use fewer workers"
         )
     return list(range(rank, num_shards, world_size))
+
+
+def worker_images(store: PyramidStore, resolution: int, rank: int, world: int) -> tuple[np.ndarray, str]:
+    """(this data-parallel worker's training images [n, C, r, r], how it got them).
+
+    With at least as many shards as workers each worker reads its own shards; with fewer
+    (a small dataset in one shard) every worker reads all of them, and its own data order
+    (seeded by rank) makes each step's global batch a set of independent draws.
+    """
+    n = store.num_shards("train")
+    if n >= world:
+        shards = shards_for_worker(n, rank, world)
+        how = f"shards {shards} of {n}"
+    else:
+        shards, how = list(range(n)), f"all {n} shard(s) (fewer shards than {world} workers)"
+    return np.array(store.read("train", resolution, shards)), how  # a copy, off the memory map
 
 
 def to_unit_range(array: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Secrets out of everything the project records about its settings.
+
+Settings travel into manifests, checkpoints, MLflow params and artifacts, metrics files,
+logs and Ray job metadata. :func:`redact` is applied to every such record: values of keys
+that name a credential (``secret``, ``token``, ``password``, ``key`` of fsspec storage
+options, ...) and the credential-bearing parts of URLs (``user:password@``, pre-signed
+``X-Amz-*`` or ``token=`` query parameters) are replaced by :data:`REDACTED`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+REDACTED = "***"
+
+_SECRET_KEY = re.compile(
+    r"(^key$|^secret$|secret|passw|token|credential|access_key|api_?key|private|signature"
+    r"|^auth|session)",
+    re.IGNORECASE,
+)
+_SECRET_QUERY = re.compile(
+    r"(^x-amz-(signature|credential|security-token)$|^x-goog-(signature|credential)$|token"
+    r"|^sig$|signature|passw|secret|^key$|api_?key|credential|^code$)",
+    re.IGNORECASE,
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_secret_key(name: str) -> bool:
+    return bool(_SECRET_KEY.search(str(name)))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password in its authority or credential-bearing query values."""
+    if not _URL.match(url):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*"
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (nested dicts, lists, strings) with every secret replaced."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if is_secret_key(k) and v not in (None, "", {}) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return redact_url(value)
+    return value

@@ -395,3 +395,40 @@ def fit(
         if summary.status == "stopped" or trainer.state.stage >= last or left == 0:
             return summaries
         trainer.advance_stage()
+
+
+class FileCheckpoints(Hooks):
+    """Checkpoints of an in-process run to one file (any fsspec URL), tagged with ``key``
+    (what the run depends on), so that :func:`resume_from_file` continues only the same
+    run; progress lines to ``log``; the training curve kept in ``curve``."""
+
+    def __init__(self, url: str, key: str, log=print):
+        self.url, self.key, self.log = url, key, log
+        self.curve: list[tuple[int, dict]] = []
+
+    def after_step(self, trainer, r, seconds) -> None:
+        values = {"loss": r.loss, "e_data": r.e_data, "e_sample": r.e_sample, "beta": r.beta}
+        self.curve.append((len(self.curve), values))
+
+    def checkpoint(self, trainer, info) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint({**trainer.state_dict(), "run_key": self.key}, self.url)
+
+    def line(self, text: str) -> None:
+        self.log(text)
+
+
+def resume_from_file(trainer: Trainer, url: str, key: str) -> bool:
+    """Load the checkpoint at ``url`` into ``trainer`` if it exists and belongs to the run
+    ``key``; True if it did."""
+    from . import io as cio
+    from .checkpoint import load_checkpoint
+
+    if not cio.exists(url):
+        return False
+    ckpt = load_checkpoint(url, map_location=trainer.device)
+    if ckpt.get("run_key") != key:
+        return False
+    trainer.load_state_dict(ckpt)
+    return True

@@ -547,3 +547,40 @@ def check_training_data(cfg: CFEBMConfig, store, stage: int) -> CFEBMConfig:
             f"{store.url}: lower it to at most {count}"
         )
     return cfg
+
+
+def load_previous_stage(url: str, model_cfg, stage: int) -> tuple[dict, str]:
+    """(the model file of stage ``stage - 1`` at ``url``, its sha256): checked to be a
+    stage-(s-1) model of the network ``model_cfg`` describes, which stage s grows."""
+    import hashlib
+
+    from . import io as cio
+    from .checkpoint import load_checkpoint
+
+    if not cio.exists(url):
+        raise ConfigError(
+            f"stage {stage} starts from stage {stage - 1}'s model, but {url} does not exist: "
+            f"train stage {stage - 1} first"
+        )
+    ckpt = load_checkpoint(url)
+    prev = model_from_checkpoint(ckpt)
+    if prev.cfg != model_cfg or prev.stage != stage - 1:
+        raise ConfigError(
+            f"{url} is a stage-{prev.stage} model of another network ({prev.cfg}), not the "
+            f"stage-{stage - 1} model that stage {stage} of {model_cfg} grows; retrain it "
+            "with the current settings"
+        )
+    return ckpt, hashlib.sha256(cio.read_bytes(url)).hexdigest()
+
+
+def sampler_of(ckpt: dict, **overrides) -> tuple:
+    """(the sampler settings a model file was trained with, ``overrides`` laid over them,
+    and the fade coefficient beta of its last stage when it was saved)."""
+    cfg = from_dict(ckpt["config"])
+    state = ckpt.get("state") or {}
+    beta = fade_beta(int(state.get("stage_images", 0)), cfg.train.fade_images, int(ckpt["stage"]))
+    try:
+        sampler = replace(cfg.sampler, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"sampler overrides: {e}") from None
+    return sampler, beta if state else 1.0

@@ -12,23 +12,21 @@ stage (keys ``<metric>_<extractor>``) and a PNG grid per stage, and logs both to
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
 
 from cfebm import io as cio
 from cfebm.checkpoint import load_checkpoint
-from cfebm.config import ConfigError, SamplerConfig, from_dict
+from cfebm.config import ConfigError, SamplerConfig
 from cfebm.data import DataError, PyramidStore
 from cfebm.evaluate import EvalConfig, check_data, evaluate_stage
 from cfebm.features import FeatureError
 from cfebm.images import grid_png
 from cfebm.metrics import DOMAIN, EXTRACTORS, InceptionWeightsError, make_extractor
-from cfebm.schedules import fade_beta
-from cfebm.trainer import model_from_checkpoint
+from cfebm.trainer import model_from_checkpoint, sampler_of
 from pipelines import _cli, models, tracking
 
 
@@ -67,17 +65,9 @@ class EvaluateStage(EvalConfig):
         if not self.extractors or any(e not in EXTRACTORS for e in self.extractors):
             raise ConfigError(f"evaluate.extractors must be a non-empty subset of {EXTRACTORS}")
         try:
-            dataclasses.replace(SamplerConfig(), **self.sampler)
+            replace(SamplerConfig(), **self.sampler)
         except TypeError as e:
             raise ConfigError(f"evaluate.sampler: {e}") from None
-
-
-def stage_sampler(ckpt: dict, overrides: dict) -> tuple[SamplerConfig, float]:
-    """The model's sampler settings with ``overrides``, and its fade coefficient beta."""
-    cfg = from_dict(ckpt["config"])
-    state = ckpt.get("state") or {}
-    beta = fade_beta(int(state.get("stage_images", 0)), cfg.train.fade_images, int(ckpt["stage"]))
-    return dataclasses.replace(cfg.sampler, **overrides), beta if state else 1.0
 
 
 def run(p: EvaluateStage, log=print) -> dict:
@@ -100,7 +90,7 @@ def run(p: EvaluateStage, log=print) -> dict:
         ckpt = load_checkpoint(models.local_model(url), map_location=device)
         model = model_from_checkpoint(ckpt, device)
         check_data(model, store, url)
-        sampler, beta = stage_sampler(ckpt, p.sampler)
+        sampler, beta = sampler_of(ckpt, **p.sampler)
         s, r = model.stage, model.resolution()
         bar = tqdm(
             total=p.num_samples,

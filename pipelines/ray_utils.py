@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from cfebm.data import layout
@@ -204,3 +205,42 @@ def dataset_for_workers(
 
 def fs_is_local(url: str, storage_options: dict | None = None) -> bool:
     return is_local(filesystem(url, storage_options)[0])
+
+
+@dataclass
+class Placement:
+    """Where a Ray job's workers run and what they read and write."""
+
+    connected: str
+    """How Ray was joined or started (a line for the console)."""
+    nodes: int
+    data_url: str
+    """The dataset as the workers read it (a copy in the storage on a multi-node cluster)."""
+    storage: str
+    """The run storage, local paths made absolute."""
+    storage_path: str
+    storage_fs: Any
+    """``storage_path`` and ``storage_filesystem`` for Ray's RunConfig."""
+
+
+def place(
+    address: str | None,
+    local_cpus: int | None,
+    storage: str,
+    storage_options: dict,
+    shared_filesystem: bool,
+    data: str,
+    data_options: dict,
+    what: str,
+) -> Placement:
+    """Join or start Ray, check that ``storage`` (named ``what`` in errors) is reachable
+    by every node, and make the dataset readable by every worker."""
+    connected = connect(address, local_cpus)
+    nodes = len(alive_nodes())
+    storage = absolute(storage)
+    check_paths(nodes, {what: storage}, shared_filesystem)
+    data_url = dataset_for_workers(
+        data, storage, nodes, shared_filesystem, data_options, storage_options
+    )
+    path, fs = ray_storage(storage, storage_options)
+    return Placement(connected, nodes, data_url, storage, path, fs)

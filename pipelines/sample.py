@@ -9,7 +9,6 @@ or an MLflow ``runs:/`` / ``models:/`` URI; the output any path or fsspec URL.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 
 from cfebm import io as cio
-from cfebm.config import ConfigError, from_dict
+from cfebm.config import ConfigError
 from cfebm.images import grid_png
 from cfebm.sampling import draw
+from cfebm.trainer import sampler_of
 from pipelines import _cli, models
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: v for k, v in (("steps", o.steps), ("step_size", o.step_size)) if v is not None
         }
-        sampler = dataclasses.replace(from_dict(ckpt["config"]).sampler, **overrides)
+        sampler, _ = sampler_of(ckpt, **overrides)
         dtype = torch.bfloat16 if o.bf16 else torch.float32
         images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage, dtype=dtype)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -48,16 +48,17 @@ from cfebm.images import make_grid, stage_pictures
 from cfebm.loop import Hooks, InjectDivergence, LoopConfig, train_stage
 from cfebm.metrics import make_extractor
 from cfebm.sampling import draw
+from cfebm.search import tuned_sampler
 from cfebm.trainer import (
     Trainer,
     check_training_data,
+    load_previous_stage,
     model_file,
     model_from_checkpoint,
     next_stage_model,
     per_worker,
 )
 from pipelines import _cli, ray_utils, tracking
-from pipelines.tune import tuned_sampler
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -213,20 +214,9 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
     previous = None
     if stage > 0:
-        path = opts.model_path(stage - 1)
-        if not cio.exists(path):
-            raise ConfigError(
-                f"stage {stage} starts from stage {stage - 1}'s model, but {path} does not "
-                f"exist: run that stage first (dvc repro train@{stage - 1})"
-            )
-        previous = load_checkpoint(path)
-        prev = model_from_checkpoint(previous)
-        if prev.cfg != cfg.model or prev.stage != stage - 1:
-            raise ConfigError(
-                f"{path} is a stage-{prev.stage} model of another train.model ({prev.cfg}); "
-                f"re-run stage {stage - 1} with the current settings"
-            )
-        inputs["previous_model"] = hashlib.sha256(cio.read_bytes(path)).hexdigest()
+        previous, inputs["previous_model"] = load_previous_stage(
+            opts.model_path(stage - 1), cfg.model, stage
+        )
     blob = json.dumps({"stage": stage, "config": asdict(cfg), "inputs": inputs}, sort_keys=True)
     return cfg, previous, hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -247,21 +237,14 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
     cfg, previous, key = check_inputs(opts, stage)
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
-    echo(f"train: {ray_utils.connect(opts.ray.address, opts.ray.local_cpus)}")
-    nodes = len(ray_utils.alive_nodes())
-    storage = ray_utils.absolute(opts.ray.storage)
-    ray_utils.check_paths(nodes, {"train.ray.storage": storage}, opts.ray.shared_filesystem)
-    data_url = ray_utils.dataset_for_workers(
-        opts.data,
-        storage,
-        nodes,
-        opts.ray.shared_filesystem,
-        opts.data_storage_options,
-        opts.ray.storage_options,
-    )
-    storage_path, storage_fs = ray_utils.ray_storage(storage, opts.ray.storage_options)
-    run_url = ray_utils.join(storage, run_name)
-    echo(f"train: stage {stage} ({r}x{r}) on {nodes} node(s); checkpoints in {run_url}")
+    ray_ = opts.ray
+    place = ray_utils.place(
+        ray_.address, ray_.local_cpus, ray_.storage, ray_.storage_options,
+        ray_.shared_filesystem, opts.data, opts.data_storage_options, "train.ray.storage",
+    )  # fmt: skip
+    run_url = ray_utils.join(place.storage, run_name)
+    echo(f"train: {place.connected}")
+    echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
 
     track = None
     if opts.mlflow.enabled:
@@ -277,7 +260,7 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
         "options": opts,
         "stage": stage,
         "config": cfg,
-        "data_url": data_url,
+        "data_url": place.data_url,
         "previous": previous,
         "tracking_uri": track.uri if track else None,
         "run_id": track.run_id if track else None,
@@ -294,8 +277,8 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
+                storage_path=place.storage_path,
+                storage_filesystem=place.storage_fs,
                 failure_config=ray.train.FailureConfig(max_failures=opts.ray.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.ray.keep_checkpoints),
                 worker_runtime_env={"env_vars": ray_utils.worker_env()},

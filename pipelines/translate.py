@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from cfebm import io as cio
-from cfebm.checkpoint import load_checkpoint, save_checkpoint
+from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
 from cfebm.data import DataError, PyramidStore, to_unit_range
 from cfebm.features import FeatureError
 from cfebm.images import grid_png
-from cfebm.loop import Hooks, LoopConfig
+from cfebm.loop import FileCheckpoints, LoopConfig, resume_from_file
 from cfebm.metrics import InceptionWeightsError, MetricsConfig, compute_metrics, make_extractor
 from cfebm.sampling import to_uint8
 from cfebm.trainer import DivergenceError, Trainer
@@ -92,28 +92,6 @@ class TranslateStage(models.Runtime):
     fidelity: Fidelity = field(default_factory=Fidelity)
 
 
-class CheckpointFile(Hooks):
-    """Checkpoints to one file, tagged with what they were trained on; progress lines."""
-
-    def __init__(self, url: str, key: str, log):
-        self.url, self.key, self.log = url, key, log
-        self.curve: list[tuple[int, dict]] = []
-
-    def after_step(self, t, r, seconds) -> None:
-        self.curve.append(
-            (
-                len(self.curve),
-                {"loss": r.loss, "e_data": r.e_data, "e_sample": r.e_sample, "beta": r.beta},
-            )
-        )
-
-    def checkpoint(self, t, info) -> None:
-        save_checkpoint({**t.state_dict(), "translate_key": self.key}, self.url)
-
-    def line(self, text: str) -> None:
-        self.log(f"translate: {text}")
-
-
 def levels(store: PyramidStore, resolutions) -> dict[int, torch.Tensor]:
     """Every stage resolution's training images [N, C, r, r] in the [0, 255] scale."""
     missing = [r for r in resolutions if r not in store.resolutions]
@@ -163,17 +141,12 @@ def run(p: TranslateStage, log=print) -> dict:
         default=str,
     )
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    trainer, resumed = Trainer(cfg, data, device, source=src), False
-    if cio.exists(p.checkpoint):
-        ckpt = load_checkpoint(p.checkpoint, map_location=device)
-        if ckpt.get("translate_key") == key:
-            trainer.load_state_dict(ckpt)
-            resumed = True
-            at = f"stage {trainer.state.stage}, step {trainer.state.step}"
-            log(f"translate: resumed from {p.checkpoint} ({at})")
-        else:
-            log(f"translate: {p.checkpoint} is from another config or data; starting anew")
-    hooks = CheckpointFile(p.checkpoint, key, log)
+    trainer = Trainer(cfg, data, device, source=src)
+    resumed = resume_from_file(trainer, p.checkpoint, key)
+    if resumed:
+        at = f"stage {trainer.state.stage}, step {trainer.state.step}"
+        log(f"translate: resumed from {p.checkpoint} ({at})")
+    hooks = FileCheckpoints(p.checkpoint, key, lambda line: log(f"translate: {line}"))
     t0 = time.monotonic()
     train_translator(cfg, data, src, loop=p.loop, hooks=[hooks], trainer=trainer, resumed=resumed)
     seconds = time.monotonic() - t0

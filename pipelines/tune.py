@@ -41,82 +41,24 @@ from cfebm.config import CFEBMConfig, ConfigError, build_dataclass
 from cfebm.data import DataError, PyramidStore
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, train_stage
-from cfebm.metrics import EXTRACTORS, FID, KID_MEAN, InceptionWeightsError, MetricsConfig
+from cfebm.metrics import EXTRACTORS, InceptionWeightsError, MetricsConfig
+from cfebm.search import (
+    DIVERGED_SCORE,
+    OUTCOMES,
+    TUNABLE,
+    SearchSpace,
+    TrialSummary,
+    TuneError,
+    pick_best,
+    with_sampler,
+)
 from pipelines import _cli, ray_utils, tracking
 
-TUNABLE = ("step_size", "noise_start", "steps")
-OUTCOMES = ("completed", "stopped_early", "diverged", "error", "not_run")
-DIVERGED_SCORE = 1.0e6
-"""The score of a trial whose training diverged: worse than any real KID or FID."""
 TRIAL_TAG, OUTCOME_TAG = "cfebm.tune.trial", "cfebm.tune.outcome"
 TRAINER_FILE, SAMPLES_FILE, SCORES_FILE = "trainer.pt", "samples.png", "scores.json"
 
 
 # --- options ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Dimension:
-    """One searched setting: a range [low, high] (log scale with ``log``) or ``values``."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    """Draw uniformly in log(value): the natural scale of step sizes and noise levels."""
-    values: list[float] | None = None
-    """Explicit candidates instead of a range."""
-    grid: bool = False
-    """With ``values``: try every value in order (``num_samples`` repeats the grid)."""
-
-    def check(self, where: str, integer: bool) -> None:
-        points = self.values if self.values is not None else [self.low, self.high]
-        if self.values is not None and (self.low is not None or self.high is not None):
-            raise ConfigError(f"{where}: give either values or low/high, not both")
-        if self.values is not None and not self.values:
-            raise ConfigError(f"{where}.values is empty")
-        if self.values is None and self.grid:
-            raise ConfigError(f"{where}.grid needs values")
-        if any(v is None for v in points):
-            raise ConfigError(f"{where}: needs low and high (or values)")
-        for v in points:
-            if not math.isfinite(v) or v < 0 or (integer and (int(v) != v or v < 1)):
-                kind = "a positive integer (Langevin steps)" if integer else "a finite number >= 0"
-                raise ConfigError(f"{where}: {v!r} is not {kind}")
-        if self.values is None and not self.low < self.high:
-            raise ConfigError(f"{where}: low {self.low} must be below high {self.high}")
-        if self.values is None and self.log and self.low <= 0:
-            raise ConfigError(f"{where}: a log-scale range needs low > 0, got {self.low}")
-
-    def contains(self, value: float) -> bool:
-        if self.values is not None:
-            return any(math.isclose(value, v, rel_tol=1e-9) for v in self.values)
-        return self.low <= value <= self.high
-
-    def describe(self) -> str:
-        if self.values is not None:
-            return f"{'grid' if self.grid else 'choice'} {list(self.values)}"
-        return f"{'log' if self.log else 'uniform'}[{self.low:g}, {self.high:g}]"
-
-
-@dataclass
-class SearchSpace:
-    """What the trials vary (null: keep ``train.sampler``'s value)."""
-
-    step_size: Dimension | None = field(default_factory=lambda: Dimension(0.1, 10.0, True))
-    """Langevin step size eta."""
-    noise_start: Dimension | None = field(default_factory=lambda: Dimension(0.003, 0.05, True))
-    """Initial Langevin noise sigma (the schedule then decays to ``noise_end``)."""
-    steps: Dimension | None = None
-    """K, Langevin steps per stage of the chain (integers)."""
-
-    def __post_init__(self) -> None:
-        for name, dim in self.dimensions().items():
-            dim.check(f"tune.space.{name}", integer=name == "steps")
-        if not self.dimensions():
-            raise ConfigError("tune.space searches nothing: set step_size, noise_start or steps")
-
-    def dimensions(self) -> dict[str, Dimension]:
-        return {n: getattr(self, n) for n in TUNABLE if getattr(self, n) is not None}
 
 
 @dataclass
@@ -226,23 +168,6 @@ class TuneStage:
             )
 
 
-def tuned_sampler(path: str) -> dict:
-    """The sampler settings of the tune stage's output ``path`` (ConfigError naming it)."""
-    if not cio.exists(path):
-        raise ConfigError(
-            f"train.sampler_from_tune: {path} does not exist; run the tune stage first "
-            "(dvc repro tune), or set it to null"
-        )
-    try:
-        sampler = json.loads(cio.read_bytes(path))["sampler"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"train.sampler_from_tune: {path} is not a tune result ({e})") from e
-    bad = {k: v for k, v in sampler.items() if k not in TUNABLE or not isinstance(v, (int, float))}
-    if bad or not sampler:
-        raise ConfigError(f"train.sampler_from_tune: {path} has invalid sampler settings {bad}")
-    return {k: int(v) if k == "steps" else float(v) for k, v in sampler.items()}
-
-
 def base_config(p: TuneStage, train) -> CFEBMConfig:
     """The trials' cfebm config: the train section's, ``tune.optim`` over its optimiser."""
     try:
@@ -255,99 +180,52 @@ def base_config(p: TuneStage, train) -> CFEBMConfig:
     return cfg
 
 
-def with_sampler(cfg: CFEBMConfig, setting: dict) -> CFEBMConfig:
-    values = {k: int(v) if k == "steps" else float(v) for k, v in setting.items()}
-    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **values))
-
-
 # --- one trial --------------------------------------------------------------------------------
 
 
-class TrialHooks(Hooks):
-    """A trial's reports: every evaluation is a Tune result with a checkpoint; curves and
-    grids go to the trial's MLflow run."""
+class TrialReports(Hooks):
+    """A trial's reports: every evaluation (of ``scorer``) is a Tune result with a
+    checkpoint; curves and sample grids go to the trial's MLflow run."""
 
-    def __init__(self, job: dict, trial_id: str, setting: dict, scores: list, reference, extractor):
-        self.job, self.p = job, job["options"]
-        self.trial_id, self.setting, self.scores = trial_id, setting, scores
-        self.reference, self.extractor = reference, extractor
+    def __init__(self, p: TuneStage, trial_id: str, setting: dict, scores: list, scorer):
+        self.p, self.trial_id, self.scores, self.scorer = p, trial_id, scores, scorer
         self.where = ", ".join(f"{k} {v:.4g}" for k, v in setting.items())
-        self.client = self.run_id = None
-        self.values: dict = {}
-        self.last = None
+        self.client = self.run_id = self.last = None
 
-    def line(self, text: str) -> None:
-        if text.startswith("error"):
-            print(f"tune: trial {self.trial_id} ({self.where}) {text}", flush=True)
-
-    def after_step(self, t, result, seconds) -> None:
-        self.last = result
+    def _log(self, step: int, values: dict) -> None:
         if self.client:
-            values = {
-                "loss": result.loss,
-                "energy_data": result.e_data,
-                "energy_sample": result.e_sample,
-            }
-            tracking.log_metrics(self.client, self.run_id, t.state.step, values)
+            tracking.log_metrics(self.client, self.run_id, step, values)
+
+    def after_step(self, t, r, seconds) -> None:
+        self.last = r
+        self._log(
+            t.state.step, {"loss": r.loss, "energy_data": r.e_data, "energy_sample": r.e_sample}
+        )
 
     def event(self, name: str, info: dict) -> None:
         if name == "resumed":
-            print(
-                f"tune: trial {self.trial_id} ({self.where}) resumed at step {info['step']}",
-                flush=True,
-            )
-            if self.client:
-                tracking.log_metrics(
-                    self.client, self.run_id, info["step"], {"resumed_from_step": info["step"]}
-                )
-
-    def evaluate(self, t) -> dict:
-        from cfebm.metrics import compute_metrics, metric_key
-        from cfebm.sampling import draw
-
-        p = self.p
-        samples = draw(t.model, t.cfg.sampler, p.eval_samples, seed=p.seed, beta=t.beta)
-        cfg = MetricsConfig(
-            fid=p.metric == "fid",
-            kid=True,
-            prc=False,
-            kid_subsets=p.kid_subsets,
-            kid_subset_size=p.kid_subset_size,
-            seed=p.seed,
-        )
-        self.values = compute_metrics(samples, self.reference, self.extractor, cfg)
-        self.key = metric_key(KID_MEAN if p.metric == "kid" else FID, self.extractor.label)
-        self.samples = samples
-        return {"score": self.values[self.key]}
+            print(f"tune: trial {self.trial_id} ({self.where}) resumed at step {info['step']}")
+            self._log(info["step"], {"resumed_from_step": info["step"]})
 
     def checkpoint(self, t, info: dict) -> None:
         import ray.tune
 
         from cfebm.images import grid_png
 
-        step, score = t.state.step, self.values[self.key]
-        r = self.last
+        step, values, r = t.state.step, self.scorer.values, self.last
+        score = values[self.scorer.key]
         print(
             f"tune: trial {self.trial_id} ({self.where}) step {step}/{self.p.train_steps}: "
-            f"{self.key} {score:.4g}, loss {r.loss:+.4f}",
+            f"{self.scorer.key} {score:.4g}, loss {r.loss:+.4f}",
             flush=True,
         )
-        png = grid_png(self.samples[:64], scale=max(1, 32 // t.resolution))
+        png = grid_png(self.scorer.samples[:64], scale=max(1, 32 // t.resolution))
+        self._log(step, {**values, "score": score})
         if self.client:
-            tracking.log_metrics(self.client, self.run_id, step, {**self.values, "score": score})
             tracking.log_png(self.client, self.run_id, png, key="samples", step=step)
             tracking.flush()
         self.scores.append([step, score])
-        report = {
-            "step": step,
-            "score": score,
-            **self.values,
-            "loss": r.loss,
-            "energy_data": r.e_data,
-            "energy_sample": r.e_sample,
-            "beta": t.beta,
-            "diverged": 0,
-        }
+        report = {"step": step, "score": score, **values, "loss": r.loss, "beta": t.beta}
         with tempfile.TemporaryDirectory(prefix="cfebm-tune-") as d:
             save_checkpoint(t.state_dict(), os.path.join(d, TRAINER_FILE))
             cio.write_bytes(os.path.join(d, SAMPLES_FILE), png)
@@ -387,41 +265,53 @@ def run_trial(config: dict, job: dict) -> None:
     cfebm's loop and report the score every ``eval_every`` steps."""
     import ray.tune
 
-    from cfebm.evaluate import reference_images
+    from cfebm.evaluate import ScoreHook, reference_images
     from cfebm.metrics import make_extractor
     from cfebm.trainer import Trainer, next_stage_model
 
     p: TuneStage = job["options"]
     torch.set_num_threads(max(1, int(p.ray.cpus_per_trial)))
     trial_id = ray.tune.get_context().get_trial_id()
-    setting = dict(config)
-    cfg = with_sampler(job["config"], setting)
+    cfg = with_sampler(job["config"], config)
     r = cfg.model.resolutions[p.stage]
     store = PyramidStore(job["data_url"], p.data_storage_options)
-    images = torch.from_numpy(np.array(store.read("train", r)))
-    reference = reference_images(store, p.split, r, p.num_reference, p.seed)
     features = None
-    if job["features"] is not None:
-        features = os.path.join(
-            tempfile.gettempdir(),
-            f"cfebm-features-{hashlib.sha256(job['features']).hexdigest()[:16]}.pt",
-        )
+    if job["features"] is not None:  # the extractor's weights, as a local file
+        digest = hashlib.sha256(job["features"]).hexdigest()[:16]
+        features = os.path.join(tempfile.gettempdir(), f"cfebm-features-{digest}.pt")
         if not os.path.exists(features):
             cio.write_bytes(features, job["features"])
     extractor = make_extractor(
         p.extractor, features=features, inception_weights=p.inception_weights
     )
+    metrics = MetricsConfig(
+        fid=p.metric == "fid",
+        kid=True,
+        prc=False,
+        seed=p.seed,
+        kid_subsets=p.kid_subsets,
+        kid_subset_size=p.kid_subset_size,
+    )
+    reference = reference_images(store, p.split, r, p.num_reference, p.seed)
+    scorer = ScoreHook(
+        extractor,
+        reference,
+        metric=p.metric,
+        num_samples=p.eval_samples,
+        seed=p.seed,
+        metrics=metrics,
+    )
     model = next_stage_model(job["previous"], p.stage, cfg.train.seed) if p.stage else None
-    trainer = Trainer(cfg, {r: images}, model=model)
+    trainer = Trainer(cfg, {r: torch.from_numpy(np.array(store.read("train", r)))}, model=model)
     scores: list = []
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(load_checkpoint(os.path.join(d, TRAINER_FILE)))
             scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
-    hooks = TrialHooks(job, trial_id, setting, scores, reference, extractor)
+    reports = TrialReports(p, trial_id, dict(config), scores, scorer)
     try:
-        hooks.client, hooks.run_id = _open_trial_run(job, trial_id, setting)
+        reports.client, reports.run_id = _open_trial_run(job, trial_id, dict(config))
     except Exception as e:  # the tracking server is not worth a trial
         print(f"warning: trial {trial_id}: no MLflow run ({type(e).__name__}: {e})", flush=True)
     loop = LoopConfig(
@@ -431,12 +321,12 @@ def run_trial(config: dict, job: dict) -> None:
         progress_every_s=math.inf,
     )
     left = p.train_steps - trainer.state.step
-    summary = train_stage(trainer, loop, [hooks], max_steps=left, resumed=checkpoint is not None)
+    summary = train_stage(
+        trainer, loop, [scorer, reports], max_steps=left, resumed=checkpoint is not None
+    )
     if summary.status == "diverged":
         # A setting that diverges is a bad setting: rolling it back would only hide that.
-        if hooks.client:
-            tracking.log_metrics(hooks.client, hooks.run_id, summary.step + 1, {"diverged": 1})
-            tracking.flush()
+        reports._log(summary.step + 1, {"diverged": 1})
         ray.tune.report({"step": summary.step + 1, "score": DIVERGED_SCORE, "diverged": 1})
 
 
@@ -486,17 +376,6 @@ def param_space(space: SearchSpace) -> dict:
     return out
 
 
-@dataclass
-class TrialSummary:
-    trial_id: str | None
-    setting: dict
-    outcome: str
-    step: int = 0
-    score: float | None = None
-    error: str | None = None
-    score_key: str | None = None
-
-
 def summarize(grid, p: TuneStage) -> list[TrialSummary]:
     """Every trial's outcome: completed (all train_steps), stopped_early (by ASHA or the
     time budget, after a score), diverged, error, not_run."""
@@ -529,27 +408,6 @@ def summarize(grid, p: TuneStage) -> list[TrialSummary]:
             )
         )
     return sorted(out, key=lambda t: str(t.trial_id))
-
-
-class TuneError(RuntimeError):
-    """The search produced no usable setting."""
-
-
-def pick_best(trials: list[TrialSummary]) -> TrialSummary:
-    """The trial trained furthest, then with the lowest score (scores compare only at equal
-    training: an early ASHA stop is not better for its early score)."""
-    scored = [t for t in trials if t.score is not None]
-    if not scored:
-        counts = ", ".join(
-            f"{n} {o}" for o in OUTCOMES if (n := sum(t.outcome == o for t in trials))
-        )
-        errors = [f"{t.trial_id}: {t.error}" for t in trials if t.error]
-        raise TuneError(
-            f"no trial produced a score ({counts})"
-            + (f"; first error: {errors[0]}" if errors else "")
-            + ". Narrow tune.space (smaller step sizes diverge less) or raise time_budget_s."
-        )
-    return min(scored, key=lambda t: (-t.step, t.score))
 
 
 def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
@@ -586,7 +444,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cfebm.trainer import model_from_checkpoint
+    from cfebm.trainer import load_previous_stage
 
     t0 = time.time()
     store = PyramidStore(p.data, p.data_storage_options)
@@ -598,17 +456,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
         None,
     )
     if p.stage > 0:
-        if not cio.exists(p.warm_start):
-            raise ConfigError(
-                f"tune.warm_start {p.warm_start} does not exist: train stage {p.stage - 1} first"
-            )
-        previous = load_checkpoint(p.warm_start)
-        prev = model_from_checkpoint(previous)
-        if prev.cfg != cfg.model or prev.stage != p.stage - 1:
-            raise ConfigError(
-                f"tune.warm_start {p.warm_start} is not a stage-{p.stage - 1} model of train.model"
-            )
-        inputs["warm_start"] = hashlib.sha256(cio.read_bytes(p.warm_start)).hexdigest()
+        previous, inputs["warm_start"] = load_previous_stage(p.warm_start, cfg.model, p.stage)
     if p.extractor == "domain":
         if not cio.exists(p.features):
             raise FeatureError(
@@ -618,14 +466,12 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
         inputs["features"] = hashlib.sha256(features).hexdigest()
     name = f"tune-stage{p.stage}-{r}x{r}-{experiment_key(p, cfg, inputs)}"
 
-    echo(f"tune: {ray_utils.connect(p.ray.address, p.ray.local_cpus)}")
-    nodes = len(ray_utils.alive_nodes())
-    storage = ray_utils.absolute(p.storage)
-    ray_utils.check_paths(nodes, {"tune.storage": storage}, p.shared_filesystem)
-    data_url = ray_utils.dataset_for_workers(
-        p.data, storage, nodes, p.shared_filesystem, p.data_storage_options, p.storage_options
-    )
-    storage_path, storage_fs = ray_utils.ray_storage(storage, p.storage_options)
+    place = ray_utils.place(
+        p.ray.address, p.ray.local_cpus, p.storage, p.storage_options, p.shared_filesystem,
+        p.data, p.data_storage_options, "tune.storage",
+    )  # fmt: skip
+    echo(f"tune: {place.connected}")
+    storage_path, storage_fs, data_url = place.storage_path, place.storage_fs, place.data_url
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
 

@@ -1,0 +1,140 @@
+"""Searching the Langevin sampler: what may vary, over which range, and which trial wins.
+
+Ray-agnostic: ``pipelines.tune`` maps a :class:`SearchSpace` onto Ray Tune's domains and
+its results onto :class:`TrialSummary`; the choice of the best and the tuned settings that
+training reads are decided here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from . import io as cio
+from .config import CFEBMConfig, ConfigError
+
+TUNABLE = ("step_size", "noise_start", "steps")
+"""The sampler settings a search may change (SamplerConfig fields)."""
+OUTCOMES = ("completed", "stopped_early", "diverged", "error", "not_run")
+DIVERGED_SCORE = 1.0e6
+"""The score of a trial whose training diverged: worse than any real KID or FID."""
+
+
+@dataclass
+class Dimension:
+    """One searched setting: a range [low, high] (log scale with ``log``) or ``values``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Draw uniformly in log(value): the natural scale of step sizes and noise levels."""
+    values: list[float] | None = None
+    """Explicit candidates instead of a range."""
+    grid: bool = False
+    """With ``values``: try every value in order (``num_samples`` repeats the grid)."""
+
+    def check(self, where: str, integer: bool) -> None:
+        points = self.values if self.values is not None else [self.low, self.high]
+        if self.values is not None and (self.low is not None or self.high is not None):
+            raise ConfigError(f"{where}: give either values or low/high, not both")
+        if self.values is not None and not self.values:
+            raise ConfigError(f"{where}.values is empty")
+        if self.values is None and self.grid:
+            raise ConfigError(f"{where}.grid needs values")
+        if any(v is None for v in points):
+            raise ConfigError(f"{where}: needs low and high (or values)")
+        for v in points:
+            if not math.isfinite(v) or v < 0 or (integer and (int(v) != v or v < 1)):
+                kind = "a positive integer (Langevin steps)" if integer else "a finite number >= 0"
+                raise ConfigError(f"{where}: {v!r} is not {kind}")
+        if self.values is None and not self.low < self.high:
+            raise ConfigError(f"{where}: low {self.low} must be below high {self.high}")
+        if self.values is None and self.log and self.low <= 0:
+            raise ConfigError(f"{where}: a log-scale range needs low > 0, got {self.low}")
+
+    def contains(self, value: float) -> bool:
+        if self.values is not None:
+            return any(math.isclose(value, v, rel_tol=1e-9) for v in self.values)
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.values is not None:
+            return f"{'grid' if self.grid else 'choice'} {list(self.values)}"
+        return f"{'log' if self.log else 'uniform'}[{self.low:g}, {self.high:g}]"
+
+
+@dataclass
+class SearchSpace:
+    """What the trials vary (null: keep ``train.sampler``'s value)."""
+
+    step_size: Dimension | None = field(default_factory=lambda: Dimension(0.1, 10.0, True))
+    """Langevin step size eta."""
+    noise_start: Dimension | None = field(default_factory=lambda: Dimension(0.003, 0.05, True))
+    """Initial Langevin noise sigma (the schedule then decays to ``noise_end``)."""
+    steps: Dimension | None = None
+    """K, Langevin steps per stage of the chain (integers)."""
+
+    def __post_init__(self) -> None:
+        for name, dim in self.dimensions().items():
+            dim.check(f"tune.space.{name}", integer=name == "steps")
+        if not self.dimensions():
+            raise ConfigError("tune.space searches nothing: set step_size, noise_start or steps")
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {n: getattr(self, n) for n in TUNABLE if getattr(self, n) is not None}
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str | None
+    setting: dict
+    outcome: str
+    step: int = 0
+    score: float | None = None
+    error: str | None = None
+    score_key: str | None = None
+
+
+class TuneError(RuntimeError):
+    """The search produced no usable setting."""
+
+
+def pick_best(trials: list[TrialSummary]) -> TrialSummary:
+    """The trial trained furthest, then with the lowest score (scores compare only at equal
+    training: an early ASHA stop is not better for its early score)."""
+    scored = [t for t in trials if t.score is not None]
+    if not scored:
+        counts = ", ".join(
+            f"{n} {o}" for o in OUTCOMES if (n := sum(t.outcome == o for t in trials))
+        )
+        errors = [f"{t.trial_id}: {t.error}" for t in trials if t.error]
+        raise TuneError(
+            f"no trial produced a score ({counts})"
+            + (f"; first error: {errors[0]}" if errors else "")
+            + ". Narrow tune.space (smaller step sizes diverge less) or raise time_budget_s."
+        )
+    return min(scored, key=lambda t: (-t.step, t.score))
+
+
+def tuned_sampler(path: str) -> dict:
+    """The sampler settings of the tune stage's output ``path`` (ConfigError naming it)."""
+    if not cio.exists(path):
+        raise ConfigError(
+            f"train.sampler_from_tune: {path} does not exist; run the tune stage first "
+            "(dvc repro tune), or set it to null"
+        )
+    try:
+        sampler = json.loads(cio.read_bytes(path))["sampler"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"train.sampler_from_tune: {path} is not a tune result ({e})") from e
+    bad = {k: v for k, v in sampler.items() if k not in TUNABLE or not isinstance(v, (int, float))}
+    if bad or not sampler:
+        raise ConfigError(f"train.sampler_from_tune: {path} has invalid sampler settings {bad}")
+    return {k: int(v) if k == "steps" else float(v) for k, v in sampler.items()}
+
+
+def with_sampler(cfg: CFEBMConfig, setting: dict) -> CFEBMConfig:
+    values = {k: int(v) if k == "steps" else float(v) for k, v in setting.items()}
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, **values))

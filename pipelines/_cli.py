@@ -150,8 +150,13 @@ def public(options: Any) -> dict:
     return redact(json.loads(json.dumps(plain, default=str)))
 
 
+def yaml_text(options: Any) -> str:
+    """The resolved, secret-free options as YAML (what --dry-run prints and runs record)."""
+    return yaml.safe_dump(public(options), sort_keys=False)
+
+
 def print_settings(options: Any) -> None:
-    print(yaml.safe_dump(public(options), sort_keys=False), end="")
+    print(yaml_text(options), end="")
 
 
 def fail(stage: str, error: BaseException) -> typing.NoReturn:
@@ -161,3 +166,35 @@ def fail(stage: str, error: BaseException) -> typing.NoReturn:
 
 def json_bytes(values: Any) -> bytes:
     return (json.dumps(values, indent=2) + "\n").encode()
+
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+"""What a stage reports as one line: bad settings and bad input (DataError, CheckpointError
+and FeatureError are ValueErrors), missing files. Anything else is a bug: a traceback."""
+
+
+def stage_main(cls: type, section: str, run: Callable[[Any], Any], doc: str, done: Callable):
+    """The ``main(argv)`` of a stage whose options are ``cls`` (params section ``section``):
+    parse, ``--dry-run`` prints the settings, else ``run(options)``, then the line
+    ``done(options)``; errors of :data:`USER_ERRORS` exit with one line naming them."""
+
+    def main(argv: list[str] | None = None) -> None:
+        try:
+            options, extra = parse(cls, section, argv, doc=doc)
+            if extra.dry_run:
+                return print_settings(options)
+            run(options)
+        except USER_ERRORS as e:
+            fail(section, e)
+        print(f"{section}: {done(options)}")
+
+    return main
+
+
+def write_results(metrics_path: str, metrics: dict, folder: str, pngs: dict[str, bytes]) -> None:
+    """A stage's metrics JSON (DVC metrics) and its pictures."""
+    from cfebm import io as cio
+
+    cio.write_bytes(metrics_path, json_bytes(metrics))
+    for name, png in pngs.items():
+        cio.write_bytes(cio.join(folder, name), png)

@@ -66,30 +66,30 @@ def _kind(run) -> str:
 
 
 def summarize(parent, children: list) -> PipelineSummary:
-    """A pipeline run's parameters and results from its stage runs (oldest first: the last
-    run of a stage that ran twice counts)."""
+    """A pipeline run's parameters and results from its stage runs, oldest first: a stage
+    that ran twice in it counts with its last run."""
     s = PipelineSummary(
         parent.info.run_id,
         parent.info.run_name or parent.info.run_id[:8],
         parent.info.start_time or 0,
         parent.info.status,
     )
-    latest = {}
+    seconds = {}
     for r in children:
-        latest[(_kind(r), r.data.tags.get("cfebm.stage"))] = r
-    seconds = []
-    for (kind, stage), r in sorted(latest.items(), key=lambda kv: kv[1].info.start_time or 0):
+        kind, stage = _kind(r), r.data.tags.get("cfebm.stage")
+        name = f"train@{stage}" if kind == "train" else kind
+        if name not in s.stages:
+            s.stages.append(name)
         s.params.update({k: v for k, v in r.data.params.items() if k not in PER_STAGE_KEYS})
-        s.stages.append(f"train@{stage}" if kind == "train" else kind)
         if kind == "train" and "stage_seconds" in r.data.metrics:
-            seconds.append(r.data.metrics["stage_seconds"])
+            seconds[stage] = r.data.metrics["stage_seconds"]
         if kind == "tune" and "best_score" in r.data.metrics:
             s.tune_best = r.data.metrics["best_score"]
         for key, value in r.data.metrics.items():
             if m := STAGE_METRIC.match(key):
-                name = "kid" if m.group(2) == "kid_mean" else m.group(2)
-                s.scores[f"{name} s{m.group(1)} [{m.group(3)}]"] = value
-    s.train_seconds = sum(seconds) if seconds else None
+                metric = "kid" if m.group(2) == "kid_mean" else m.group(2)
+                s.scores[f"{metric} s{m.group(1)} [{m.group(3)}]"] = value
+    s.train_seconds = sum(seconds.values()) if seconds else None
     return s
 
 

@@ -21,11 +21,10 @@ from tqdm import tqdm
 from cfebm import io as cio
 from cfebm.checkpoint import load_checkpoint
 from cfebm.config import ConfigError, SamplerConfig
-from cfebm.data import DataError, PyramidStore
+from cfebm.data import PyramidStore
 from cfebm.evaluate import EvalConfig, check_data, evaluate_stage
-from cfebm.features import FeatureError
 from cfebm.images import grid_png
-from cfebm.metrics import DOMAIN, EXTRACTORS, InceptionWeightsError, make_extractor
+from cfebm.metrics import DOMAIN, EXTRACTORS, make_extractor
 from cfebm.trainer import model_from_checkpoint, sampler_of
 from pipelines import _cli, models, tracking
 
@@ -130,22 +129,9 @@ def run(p: EvaluateStage, log=print) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        p, extra = _cli.parse(EvaluateStage, "evaluate", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(p)
-        run(p)
-    except (
-        ConfigError,
-        DataError,
-        FeatureError,
-        InceptionWeightsError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        _cli.fail("evaluate", e)
-    print(f"evaluate: wrote {p.out} and {p.grids}/")
+main = _cli.stage_main(
+    EvaluateStage, "evaluate", run, __doc__, lambda p: f"wrote {p.out} and {p.grids}/"
+)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from cfebm import io as cio
-from cfebm.config import ConfigError
-from cfebm.data import DataError, PyramidStore, to_unit_range
+from cfebm.data import PyramidStore, to_unit_range
 from cfebm.evaluate import check_data
 from cfebm.images import grid_png
 from cfebm.ood import (
@@ -97,9 +95,7 @@ def run(p: OODStage, log=print) -> dict:
         "energy_hist.png": energy_histogram_png(scores_in, scores_out),
         "sets.png": grid_png(to_uint8(shown).numpy(), nrow=p.grid_images, scale=max(1, 64 // r)),
     }
-    cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
-    for name, png in pngs.items():
-        cio.write_bytes(cio.join(p.images, name), png)
+    _cli.write_results(p.metrics, metrics, p.images, pngs)
     roc = {"in": scores_in.tolist(), **{k: v.tolist() for k, v in scores_out.items()}}
     if tracking.log_stage(
         p.mlflow, "ood", {"ood": _cli.public(p)}, metrics, pngs, {"scores.json": json.dumps(roc)}
@@ -108,15 +104,9 @@ def run(p: OODStage, log=print) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        p, extra = _cli.parse(OODStage, "ood", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(p)
-        run(p)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        _cli.fail("ood", e)
-    print(f"ood: wrote {p.metrics} and {p.images}/")
+main = _cli.stage_main(
+    OODStage, "ood", run, __doc__, lambda p: f"wrote {p.metrics} and {p.images}/"
+)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from cfebm import io as cio
-from cfebm.config import ConfigError
-from cfebm.data import DataError, PyramidStore, to_unit_range
+from cfebm.data import PyramidStore, to_unit_range
 from cfebm.evaluate import check_data
 from cfebm.images import grid_png
 from cfebm.restore import RestoreConfig, evaluate_restoration
@@ -75,23 +73,15 @@ def run(p: RestoreStage, log=print) -> dict:
         )
         for task, res in results.items()
     }
-    cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
-    for name, png in pngs.items():
-        cio.write_bytes(cio.join(p.images, name), png)
+    _cli.write_results(p.metrics, metrics, p.images, pngs)
     if tracking.log_stage(p.mlflow, "restore", {"restore": _cli.public(p)}, metrics, pngs):
         log("restore: logged to MLflow")
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        p, extra = _cli.parse(RestoreStage, "restore", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(p)
-        run(p)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        _cli.fail("restore", e)
-    print(f"restore: wrote {p.metrics} and {p.images}/<task>.png")
+main = _cli.stage_main(
+    RestoreStage, "restore", run, __doc__, lambda p: f"wrote {p.metrics} and {p.images}/<task>.png"
+)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from cfebm.features import FeatureError
 from cfebm.images import make_grid, stage_pictures
 from cfebm.loop import Hooks, InjectDivergence, LoopConfig, train_stage
 from cfebm.metrics import make_extractor
+from cfebm.model import CoarseToFineEBM
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
 from cfebm.trainer import (
@@ -253,9 +254,9 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
         continued = track.start(
             f"stage{stage}-{r}x{r}", run_name, params, {"cfebm.stage": str(stage)}
         )
-        echo(
-            f"train: MLflow {track.uri} run {track.run_id}" + (" (continued)" if continued else "")
-        )
+        echo(f"train: MLflow {track.uri} run {track.run_id}" + (" (continued)" * continued))
+        if not continued:
+            track.client.log_text(track.run_id, _cli.yaml_text(params["train"]), "config.yaml")
     job = {
         "options": opts,
         "stage": stage,
@@ -477,9 +478,9 @@ def train_loop_per_worker(job: dict) -> dict:
         return ray.train.torch.prepare_model(net, parallel_strategy_kwargs=unused)
 
     checkpoint = ray.train.get_checkpoint()
-    model = None
-    if checkpoint is None and stage > 0:
-        model = next_stage_model(job["previous"], stage, cfg.train.seed, device)
+    model = CoarseToFineEBM(cfg.model, stage)  # its weights come from the checkpoint
+    if checkpoint is None:
+        model = next_stage_model(job["previous"], stage, cfg.train.seed, device) if stage else None
     data = {r: torch.from_numpy(images)}
     trainer = Trainer(
         per_worker(cfg, world),

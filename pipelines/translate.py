@@ -24,16 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cfebm import io as cio
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
-from cfebm.data import DataError, PyramidStore, to_unit_range
+from cfebm.data import PyramidStore, to_unit_range
 from cfebm.features import FeatureError
 from cfebm.images import grid_png
 from cfebm.loop import FileCheckpoints, LoopConfig, resume_from_file
 from cfebm.metrics import InceptionWeightsError, MetricsConfig, compute_metrics, make_extractor
 from cfebm.sampling import to_uint8
-from cfebm.trainer import DivergenceError, Trainer
+from cfebm.trainer import Trainer
 from cfebm.translate import evaluate_translation, saliency_overlay, train_translator
 from pipelines import _cli, models, tracking
 
@@ -187,9 +186,7 @@ def run(p: TranslateStage, log=print) -> dict:
             scale=scale,
         ),
     }
-    cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
-    for name, png in pngs.items():
-        cio.write_bytes(cio.join(p.images, name), png)
+    _cli.write_results(p.metrics, metrics, p.images, pngs)
     if tracking.log_stage(
         p.mlflow, "translate", {"translate": _cli.public(p)}, metrics, pngs, curve=hooks.curve
     ):
@@ -197,15 +194,13 @@ def run(p: TranslateStage, log=print) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        p, extra = _cli.parse(TranslateStage, "translate", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(p)
-        run(p)
-    except (ConfigError, DataError, DivergenceError, FileNotFoundError, ValueError) as e:
-        _cli.fail("translate", e)
-    print(f"translate: wrote {p.model_out}, {p.metrics} and {p.images}/")
+main = _cli.stage_main(
+    TranslateStage,
+    "translate",
+    run,
+    __doc__,
+    lambda p: f"wrote {p.model_out}, {p.metrics} and {p.images}/",
+)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from train_fixtures import (
 from cfebm.checkpoint import load_checkpoint, save_checkpoint
 from cfebm.config import from_dict
 from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid, prepare
+from cfebm.loop import fit
 from cfebm.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -155,10 +156,15 @@ def test_a_stage_across_two_nodes_survives_losing_a_node(
     root = project(
         tmp_path,
         pyramid,
-        ray={"workers": 2, "placement_strategy": "SPREAD", "storage": storage},
+        ray={
+            "workers": 2,
+            "placement_strategy": "SPREAD",
+            "storage": storage,
+            "keep_checkpoints": 2,
+        },
         mlflow={"tracking_uri": mlflow_server.url, "experiment": "cluster"},
         optim={"fade_images": 1600, "stable_images": 3200},  # 150 steps of 32
-        checkpoint={"every": 20, "keep": 2},
+        loop={"checkpoint_every": 20},
     )
     params = smoke_params()
     # Stage 1 warm-starts from a stage-0 model: a few plain (non-Ray) steps suffice here.
@@ -171,8 +177,8 @@ def test_a_stage_across_two_nodes_survives_losing_a_node(
     )
     images = torch.from_numpy(PyramidStore(pyramid).read("train", 4).copy())
     stage0 = Trainer(cfg, {4: images})
-    stage0.fit(max_steps=3)
-    save_checkpoint(stage0.state_dict(), os.path.join(root, "models", "stage0", "model.pt"))
+    fit(stage0, max_steps=3)
+    save_checkpoint(stage0.model_state(), os.path.join(root, "models", "stage0", "model.pt"))
 
     log = str(tmp_path / "driver.log")
     driver = start(
@@ -234,8 +240,8 @@ def test_a_stage_across_two_nodes_survives_losing_a_node(
     run_id = stage_run.info.run_id
     assert stage_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert stage_run.info.status == "FINISHED" and parent.info.status == "FINISHED"
-    assert stage_run.data.params["ray.workers"] == "2"
-    assert stage_run.data.params["cfebm.model.base_width"] == "8"
+    assert stage_run.data.params["train.ray.workers"] == "2"  # named as in params.yaml
+    assert stage_run.data.params["train.model.base_width"] == "8"
     loss_steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert loss_steps >= set(range(1, 151))  # every step, across the restart
     for key in ("energy_data", "energy_sample", "beta", "grad_norm", "images_per_s"):

@@ -57,7 +57,7 @@ def tune_params() -> dict:
             },
             "asha": {"grace_steps": EVAL_EVERY, "reduction_factor": 2},
             "ray": {"local_cpus": 2, "state_every_s": 0},  # state saved after every result
-            "debug": {"report_delay_s": 1.0},  # a window to kill the search mid-trial
+            "report_delay_s": 1.0,  # a window to kill the search mid-trial
         },
     }
 

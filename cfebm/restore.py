@@ -373,17 +373,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Structural similarity per image [N] (Wang et al. 2004; torchmetrics, Gaussian window
-    of sigma 1.5, 11 wide or the largest odd size that fits small images) of images in
-    [-1, 1], measured on the [0, 1] range."""
+    """Structural similarity per image [N] (Wang et al. 2004; torchmetrics: Gaussian window
+    of sigma 1.5, reflected at the borders; 0.5 on images of 5 pixels or fewer) of images
+    in [-1, 1], measured on the [0, 1] range."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim takes two [N, C, H, W] tensors, got {x.shape} and {y.shape}")
-    size = min(11, x.shape[-1], x.shape[-2])
-    size -= 1 - size % 2  # odd
+    sigma = 1.5 if min(x.shape[-2:]) > 5 else 0.5
     return structural_similarity_index_measure(
-        _unit(x), _unit(y), data_range=1.0, kernel_size=size, sigma=1.5, reduction="none"
+        _unit(x), _unit(y), data_range=1.0, sigma=sigma, reduction="none"
     )
 
 

@@ -17,7 +17,8 @@ import torch
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, from_dict
 from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid, prepare
-from cfebm.model import EnergyNet
+from cfebm.loop import fit
+from cfebm.model import CoarseToFineEBM
 from cfebm.trainer import Trainer
 from cfebm.translate import train_translator
 
@@ -77,6 +78,7 @@ def digits_config() -> CFEBMConfig:
                 "lr": {4: 5e-4},
                 "fade_images": 3200,
                 "stable_images": 6400,
+                "images": {4: 6400},
                 "data_noise": 0.03,
                 "seed": 0,
             },
@@ -86,7 +88,7 @@ def digits_config() -> CFEBMConfig:
 
 @dataclass
 class TrainedModel:
-    model: EnergyNet
+    model: CoarseToFineEBM
     cfg: CFEBMConfig
     checkpoint: str
 
@@ -97,9 +99,9 @@ def digits_model(digits_data, tmp_path_factory) -> TrainedModel:
     cfg = digits_config()
     with torch_threads(1):
         trainer = Trainer(cfg, levels(digits_data))
-        trainer.fit()
+        fit(trainer)
     url = str(tmp_path_factory.mktemp("digits_model") / "model.pt")
-    save_checkpoint(trainer.state_dict(), url)
+    save_checkpoint(trainer.model_state(), url)
     return TrainedModel(trainer.model.eval(), cfg, url)
 
 
@@ -113,6 +115,7 @@ def translator_config() -> CFEBMConfig:
                 "lr": {4: 1e-3},
                 "fade_images": 2400,
                 "stable_images": 4800,
+                "images": {4: 4800},
                 "seed": 0,
             },
         }

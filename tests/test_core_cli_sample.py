@@ -10,6 +10,7 @@ from PIL import Image
 
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig
+from cfebm.loop import fit
 from cfebm.trainer import Trainer
 
 
@@ -22,9 +23,9 @@ def checkpoint(tmp_path_factory):
     )
     x8 = torch.rand(8, 3, 8, 8) * 255
     trainer = Trainer(cfg, {8: x8, 4: torch.nn.functional.avg_pool2d(x8, 2)})
-    trainer.fit()
+    fit(trainer)
     url = str(tmp_path_factory.mktemp("model") / "model.pt")
-    save_checkpoint(trainer.state_dict(), url)
+    save_checkpoint(trainer.model_state(), url)
     return url
 
 
@@ -59,14 +60,21 @@ def test_png_grid(checkpoint, tmp_path):
     r = run("--model", checkpoint, "--num", "4", "--out", str(out), "--scale", "2")
     assert r.returncode == 0, r.stderr
     img = Image.open(out)
-    assert img.size == (2 * (2 * 9 + 1), 2 * (2 * 9 + 1))  # 2x2 grid of 8px + 1px padding
+    assert img.size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 grid of 8px images x2, 1px borders
 
 
 def test_bad_inputs_are_clear_errors(checkpoint, tmp_path):
-    r = run("--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.npy"))
-    assert r.returncode == 2 and "nope.pt" in r.stderr
-    r = run("--model", checkpoint, "--stage", "5", "--out", str(tmp_path / "x.npy"))
-    assert r.returncode == 2 and "--stage 5" in r.stderr
-    r = run("--model", checkpoint, "--num", "0", "--out", str(tmp_path / "x.npy"))
-    assert r.returncode == 2 and "--num" in r.stderr
+    out = ("--out", str(tmp_path / "x.npy"))
+    cases = [
+        (("--model", str(tmp_path / "nope.pt")), "nope.pt"),
+        (("--model", str(tmp_path)), "is a folder, not a checkpoint file"),
+        (("--model", checkpoint, "--stage", "5"), "stage 5"),
+        (("--model", checkpoint, "--num", "0"), "--num"),
+        (("--model", checkpoint, "--steps", "0"), "--steps must be >= 1"),
+        (("--model", checkpoint, "--steps", "-3"), "--steps must be >= 1"),
+    ]
+    for args, message in cases:
+        r = run(*args, *out)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
     assert not (tmp_path / "x.npy").exists()

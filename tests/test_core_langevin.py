@@ -7,7 +7,7 @@ import torch
 
 from cfebm.config import ModelConfig, SamplerConfig
 from cfebm.langevin import energy_and_grad, sample_coarse_to_fine, sample_langevin, upsample2x
-from cfebm.model import EnergyNet
+from cfebm.model import CoarseToFineEBM, EnergyNet
 from cfebm.sampling import sample
 from cfebm.schedules import (
     chain_schedules,
@@ -58,6 +58,22 @@ def test_wrong_noise_gives_wrong_variance():
     assert abs(x.std().item() - std) > 0.1
 
 
+def grown(cfg, stage):
+    model = CoarseToFineEBM(cfg)
+    for _ in range(stage):
+        model.grow()
+    return model.eval()
+
+
+def test_chain_without_coarse_to_fine_starts_at_the_stage_resolution():
+    torch.manual_seed(0)
+    model = grown(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), 1)
+    seen = []
+    x = sample(model, 3, SamplerConfig(steps=4, coarse_to_fine=False),
+               callback=lambda d: seen.append(d["x"].shape[-1]))  # fmt: skip
+    assert x.shape == (3, 1, 8, 8) and seen == [8] * 8  # (s + 1) K steps of E_s alone
+
+
 def test_chain_lowers_energy_of_noise_and_respects_clamp():
     torch.manual_seed(0)
     model = EnergyNet(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), stage=1).eval()
@@ -100,7 +116,7 @@ def test_mask_keeps_known_pixels_exactly():
 
 def test_sampling_takes_no_parameter_gradients_and_returns_no_graph():
     torch.manual_seed(0)
-    model = EnergyNet(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), stage=1).train()
+    model = grown(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), 1).train()
     x = sample(model, 4, SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0))
     assert all(p.grad is None for p in model.parameters())
     assert x.grad_fn is None and not x.requires_grad
@@ -113,7 +129,7 @@ def test_sampling_takes_no_parameter_gradients_and_returns_no_graph():
 def test_coarse_to_fine_chain_resolutions_and_callback():
     torch.manual_seed(0)
     cfg = ModelConfig(channels=3, resolutions=(4, 8, 16), base_width=4)
-    model = EnergyNet(cfg, stage=2).eval()
+    model = grown(cfg, 2)
     seen = []
     x = sample(
         model,
@@ -143,7 +159,7 @@ def test_coarse_to_fine_chain_resolutions_and_callback():
 
 def test_same_seed_same_samples():
     torch.manual_seed(0)
-    model = EnergyNet(ModelConfig(resolutions=(4, 8), base_width=4), stage=1).eval()
+    model = grown(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), 1)
     a = sample(model, 3, SamplerConfig(steps=3), generator=torch.Generator().manual_seed(7))
     b = sample(model, 3, SamplerConfig(steps=3), generator=torch.Generator().manual_seed(7))
     c = sample(model, 3, SamplerConfig(steps=3), generator=torch.Generator().manual_seed(8))

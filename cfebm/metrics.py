@@ -69,7 +69,7 @@ _FIDELITY_KEYS = {
 WEIGHTS_CACHE_ENV = "CFEBM_WEIGHTS_CACHE"
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(ValueError):
     """Inception weights were asked for but are missing, unreachable or not InceptionV3's."""
 
 

@@ -238,7 +238,7 @@ def test_cli_params_file_and_overrides(tmp_path):
         "train": {"unrelated": True},  # other stages' sections are not ours to read
     }
     (tmp_path / "params.yaml").write_text(json.dumps(params))
-    done = _cli("prepare", "--num-train", "4", cwd=tmp_path)
+    done = _cli("prepare", "--num_train", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     done = _cli("pyramid", "--params", "params.yaml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -251,5 +251,5 @@ def test_cli_params_file_and_overrides(tmp_path):
     bad = _cli("prepare", "--resolution", "24", "--out", "r", cwd=tmp_path)
     assert bad.returncode != 0 and "prepare.resolution must be a power of two" in bad.stderr
     helped = _cli("prepare", "--help", cwd=tmp_path)
-    for option in ("--source", "--url", "--shard-size", "--skip-corrupt", "--storage-options"):
+    for option in ("--source", "--url", "--shard_size", "--skip_corrupt", "--storage_options"):
         assert option in helped.stdout

@@ -17,13 +17,13 @@ from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig
 from cfebm.data import PrepareConfig, PyramidConfig, PyramidStore, build_pyramid, prepare
 from cfebm.features import load_feature_net
-from cfebm.images import grid_png
+from cfebm.loop import fit
+from cfebm.metrics import MetricsConfig
 from cfebm.trainer import Trainer
-from pipelines.evaluate import EvaluateParams
-from pipelines.evaluate import build_parser as evaluate_parser
+from pipelines import tracking
+from pipelines.evaluate import EvaluateStage
 from pipelines.evaluate import main as evaluate_main
 from pipelines.evaluate import run as evaluate_run
-from pipelines.features import build_parser as features_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "cfebm-digits-cnn"
@@ -51,10 +51,11 @@ def workdir(tmp_path_factory):
         train=TrainConfig(batch_size={4: 16}, fade_images=32, stable_images=32),
     )
     trainer = Trainer(cfg, data)
-    trainer.fit(until_stage=0)
-    save_checkpoint(trainer.state_dict(), str(root / "models" / "stage0" / "model.pt"))
-    trainer.fit()
-    save_checkpoint(trainer.state_dict(), str(root / "models" / "stage1" / "model.pt"))
+    fit(trainer, until_stage=0)
+    save_checkpoint(trainer.model_state(), str(root / "models" / "stage0" / "model.pt"))
+    trainer.advance_stage()
+    fit(trainer)
+    save_checkpoint(trainer.model_state(), str(root / "models" / "stage1" / "model.pt"))
     return root
 
 
@@ -64,7 +65,7 @@ def features(workdir):
     r = run(
         "pipelines.features",
         "--data", "pyr", "--out", "models/features.pt", "--metrics", "metrics/features.json",
-        "--epochs", "3", "--width", "8", "--feature-dim", "16",
+        "--epochs", "3", "--width", "8", "--feature_dim", "16",
         cwd=str(workdir),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -100,8 +101,8 @@ def test_evaluate_writes_nested_dvc_metrics_and_grids(features, workdir):
         )
     )
     r = run(
-        "pipelines.evaluate", "--params", "params.yaml", "--no-mlflow",
-        "--num-reference", "100", "--grid-count", "9",
+        "pipelines.evaluate", "--params", "params.yaml", "--mlflow.enabled", "false",
+        "--num_reference", "100", "--grid_count", "9",
         cwd=str(workdir),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -123,15 +124,15 @@ def test_evaluate_same_seed_same_numbers(features, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     outs = []
     for name in ("a.json", "b.json"):
-        params = EvaluateParams(
+        params = EvaluateStage(
             models=["models/stage1/model.pt"],
             data="pyr",
             num_samples=20,
             features="models/features.pt",
-            metrics={"kid_subsets": 3},
+            metrics=MetricsConfig(kid_subsets=3),
             out=name,
             grids="g",
-            mlflow={"enabled": False},
+            mlflow=tracking.TrackingOptions(enabled=False),
         )
         with torch.random.fork_rng():
             torch.manual_seed(len(name) + ord(name[0]))  # the global RNG must not matter
@@ -144,9 +145,9 @@ def test_evaluate_inception_without_weights_fails_before_sampling(workdir, monke
     monkeypatch.chdir(workdir)
     (workdir / "none.yaml").write_text("{}\n")
     argv = [
-        "--models", "models/stage1/model.pt", "--data", "pyr",
-        "--extractors", "inception-v3-compat", "--inception-weights", "missing/inception.pth",
-        "--no-mlflow", "--out", "never.json", "--params", "none.yaml",
+        "--models", "[models/stage1/model.pt]", "--data", "pyr",
+        "--extractors", "[inception-v3-compat]", "--inception_weights", "missing/inception.pth",
+        "--mlflow.enabled", "false", "--out", "never.json", "--params", "none.yaml",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         evaluate_main(argv)
@@ -154,37 +155,29 @@ def test_evaluate_inception_without_weights_fails_before_sampling(workdir, monke
     assert not (workdir / "never.json").exists()
 
 
-@pytest.mark.parametrize("parser", [evaluate_parser, features_parser])
-def test_help_explains_every_option(parser):
-    p = parser()
-    for action in p._actions:
-        assert action.help, action.option_strings
-    assert "[" in p.format_help()
-
-
-def test_mlflow_gets_metrics_and_grids(tmp_path, monkeypatch):
-    """log_to_mlflow: a nested ``evaluate`` run with ``stage_<s>/<metric>_<extractor>``
-    metrics, the grids and the metrics JSON; the parent it had to create is ended."""
+def test_mlflow_gets_metrics_and_grids(features, workdir, monkeypatch):
+    """A nested ``evaluate`` run with ``stage_<s>/<metric>_<extractor>`` metrics, the grids,
+    the metrics JSON and the settings under their params.yaml names."""
     from mlflow import MlflowClient
 
-    from pipelines.evaluate import log_to_mlflow
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CFEBM_MLFLOW_PARENT_RUN_ID", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    params = EvaluateParams(models=["m.pt"], mlflow={"tracking_uri": uri, "experiment": "t"})
-    results = {"stage_0": {"resolution": 4, f"fid_{NAME}": 1.5, f"kid_mean_{NAME}": 0.25}}
-    grid = grid_png(np.zeros((4, 1, 4, 4), dtype=np.uint8))
-    run_id = log_to_mlflow(params, results, {"stage_0": grid})
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    params = EvaluateStage(
+        models=["models/stage0/model.pt"], data="pyr", num_samples=20,
+        features="models/features.pt", metrics=MetricsConfig(kid_subsets=3, prc=False),
+        out="m.json", grids="g", mlflow=tracking.TrackingOptions(tracking_uri=uri, experiment="t"),
+    )  # fmt: skip
+    results = evaluate_run(params, log=lambda *_: None)
     client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    assert run.data.metrics == {
-        "stage_0/resolution": 4.0,
-        f"stage_0/fid_{NAME}": 1.5,
-        f"stage_0/kid_mean_{NAME}": 0.25,
-    }
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id],
+                                "tags.`cfebm.kind` = 'stage'")  # fmt: skip
+    assert run.data.metrics[f"stage_0/fid_{NAME}"] == pytest.approx(
+        results["stage_0"][f"fid_{NAME}"]
+    )
+    assert run.data.params["evaluate.num_samples"] == "20"
     assert run.info.status == "FINISHED"
-    files = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert files == {"evaluate/stage_0.png", "evaluate/metrics.json"}
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"

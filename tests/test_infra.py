@@ -286,7 +286,7 @@ def train_dry_run(root: str) -> dict:
         env={**os.environ, "PYTHONPATH": root},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout)
+    return yaml.safe_load(done.stdout)
 
 
 def test_rayjob_entrypoint_runs_dvc_repro_with_valid_params(tmp_path):

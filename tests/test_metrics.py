@@ -121,7 +121,8 @@ def test_result_does_not_depend_on_batch_size(extractor, real):
     b = compute_metrics(test, train, extractor, MetricsConfig(batch_size=500, kid_subsets=5))
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+        # float32 features: convolution kernels chosen by batch size round differently
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
 
 
 def test_domain_extractor_separates_real_digits_from_noise(extractor, real):

@@ -19,6 +19,7 @@ from fixtures_models import torch_threads
 from cfebm.checkpoint import load_checkpoint
 from cfebm.config import ConfigError
 from cfebm.data import PyramidStore, to_unit_range
+from cfebm.metrics import MetricsConfig
 from cfebm.sampling import to_uint8
 from cfebm.trainer import model_from_checkpoint
 from cfebm.translate import translate as translate_images
@@ -51,11 +52,9 @@ def test_help_explains_every_option(stage, capsys):
         module.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--params", "--dry-run", "--device", "--threads", "--mlflow", "--seed"):
+    for option in ("--params", "--dry-run", "--device", "--threads", "--mlflow.enabled", "--seed"):
         assert option in text
-    assert text.count("[") > 10  # defaults shown
-    for action in module.build_parser()._actions:
-        assert action.help, f"{stage}: {action.option_strings} has no help"
+    assert text.count("default:") > 10  # the values in effect are shown
 
 
 def test_restore_cli_writes_metrics_and_grids(digits_model, digits_data, tmp_path):
@@ -64,8 +63,9 @@ def test_restore_cli_writes_metrics_and_grids(digits_model, digits_data, tmp_pat
         "restore",
         *("--model", digits_model.checkpoint, "--data", digits_data),
         *("--metrics", str(metrics), "--images", str(images)),
-        *("--num-images", "48", "--masks", "centre", "pixels", "--noise-sigma", "0.5"),
-        *("--denoise-chain", '{"steps": 5}', "--threads", "1", "--no-mlflow"),
+        *("--num_images", "48", "--masks", "[centre, pixels]", "--noise_sigma", "0.5"),
+        *("--denoise_chain.steps", "5", "--threads", "1", "--mlflow.enabled", "false"),
+        *("--mode", "posterior"),
     )
     assert r.returncode == 0, r.stderr
     m = json.loads(metrics.read_text())
@@ -80,23 +80,23 @@ def test_params_file_and_command_line_resolve(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     section = {"model": "a.pt", "noise_sigma": 0.2, "denoise_chain": {"steps": 7}}
     params.write_text(yaml.safe_dump({"restore": section}))
-    argv = ["--params", str(params), "--dry-run", "--denoise-chain", '{"step_size": 0.1}']
-    restore.main([*argv, "--fidelity", "0", "--masks", "boxes"])
-    resolved = json.loads(capsys.readouterr().out)
+    argv = ["--params", str(params), "--dry-run", "--denoise_chain.step_size", "0.1"]
+    restore.main([*argv, "--fidelity", "0", "--masks", "[boxes]"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"] == "a.pt" and resolved["noise_sigma"] == 0.2
     assert resolved["fidelity"] == 0 and resolved["masks"] == ["boxes"]
     assert resolved["denoise_chain"]["steps"] == 7 and resolved["denoise_chain"]["step_size"] == 0.1
     params.write_text(yaml.safe_dump({"restore": {"nosie_sigma": 0.2}}))
     with pytest.raises(SystemExit, match="nosie_sigma"):
         restore.main(["--params", str(params), "--dry-run"])
-    # translate: the translator config merges key by key into the defaults
-    params.write_text(yaml.safe_dump({"translate": {"config": {"train": {"seed": 5}}}}))
-    translate.main(["--params", str(params), "--dry-run", "--config", '{"sampler": {"steps": 4}}'])
-    config = json.loads(capsys.readouterr().out)["config"]
-    assert config["train"]["seed"] == 5 and config["sampler"]["steps"] == 4
-    assert config["model"]["resolutions"] == [4, 8, 16]
-    ood.main(["--dry-run", "--other", "x=/data/x", "--other", "y=s3://b/y", "--sets", "uniform"])
-    resolved = json.loads(capsys.readouterr().out)
+    # translate: the translator's network, sampler and optimiser, dotted
+    params.write_text(yaml.safe_dump({"translate": {"optim": {"seed": 5}}}))
+    translate.main(["--params", str(params), "--dry-run", "--sampler.steps", "4"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["optim"]["seed"] == 5 and resolved["sampler"]["steps"] == 4
+    assert resolved["model"]["resolutions"] == [4, 8, 16]
+    ood.main(["--dry-run", "--other", "{x: /data/x, y: s3://b/y}", "--sets", "[uniform]"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["other"] == {"x": "/data/x", "y": "s3://b/y"} and resolved["sets"] == [
         "uniform"
     ]
@@ -109,7 +109,7 @@ def test_ood_cli_writes_auroc_per_set_and_plots_and_logs_to_mlflow(
     r = run(
         "ood",
         *("--model", digits_model.checkpoint, "--data", digits_data),
-        *("--other", f"shapes={shapes_data['a']}", "--num-images", "200"),
+        *("--other", f"{{shapes: {shapes_data['a']}}}", "--num_images", "200"),
         *("--metrics", str(metrics), "--images", str(images), "--threads", "1"),
         cwd=tmp_path,  # MLflow: the default sqlite:///mlflow.db store, here
     )
@@ -132,17 +132,14 @@ def test_ood_cli_writes_auroc_per_set_and_plots_and_logs_to_mlflow(
 
 def test_translate_cli_trains_writes_and_resumes(shapes_data, tmp_path):
     out = tmp_path / "t"
-    config = {
-        "model": {"resolutions": [4, 8], "base_width": 4},
-        "sampler": {"steps": 3},
-        "train": {"batch_size": {"4": 16}, "fade_images": 64, "stable_images": 128},
-    }
     args = (
         *("--source", shapes_data["a"], "--target", shapes_data["b"]),
-        *("--config", json.dumps(config), "--num-images", "32"),
-        *("--model-out", str(out / "model.pt"), "--checkpoint", str(out / "last.pt")),
+        *("--model.resolutions", "[4, 8]", "--model.base_width", "4", "--sampler.steps", "3"),
+        *("--optim.batch_size", "{4: 16}", "--optim.fade_images", "64"),
+        *("--optim.stable_images", "128", "--optim.images", "{4: 128}", "--num_images", "32"),
+        *("--model_out", str(out / "model.pt"), "--checkpoint", str(out / "last.pt")),
         *("--metrics", str(out / "translate.json"), "--images", str(out / "img")),
-        *("--threads", "1", "--no-mlflow"),
+        *("--threads", "1", "--mlflow.enabled", "false"),
     )
     r = run("translate", *args)
     assert r.returncode == 0, r.stderr
@@ -177,12 +174,10 @@ def test_translation_fid_and_kid_against_the_target_domain(
     net = FeatureNet(FeatureNetConfig(channels=3, resolution=8, num_classes=(5, 8), width=4))
     weights = str(tmp_path / "features.pt")
     save_feature_net(net.eval(), weights, "cfebm-shapes-test-cnn")
-    params = translate.TranslateParams(
-        fidelity={
-            "extractors": ["domain"],
-            "features": weights,
-            "metrics": {"prc": False, "kid_subsets": 10, "kid_subset_size": 50},
-        }
+    fidelity = translate.Fidelity(
+        extractors=["domain"],
+        features=weights,
+        metrics=MetricsConfig(prc=False, kid_subsets=10, kid_subset_size=50),
     )
     source = to_unit_range(PyramidStore(shapes_data["a"]).read("test", 8))
     target = np.array(PyramidStore(shapes_data["b"]).read("test", 8))
@@ -190,8 +185,8 @@ def test_translation_fid_and_kid_against_the_target_domain(
     with torch_threads(1):
         y = translate_images(model, source, cfg.sampler, generator=torch.Generator().manual_seed(0))
     quiet = {"device": "cpu", "log": lambda _: None}
-    m = translate.fidelity_metrics(params, to_uint8(y).numpy(), target, **quiet)
-    before = translate.fidelity_metrics(params, to_uint8(source).numpy(), target, **quiet)
+    m = translate.fidelity_metrics(fidelity, to_uint8(y).numpy(), target, **quiet)
+    before = translate.fidelity_metrics(fidelity, to_uint8(source).numpy(), target, **quiet)
     fid = metric_key("fid", "cfebm-shapes-test-cnn")
     assert set(m) == {
         fid,
@@ -199,8 +194,7 @@ def test_translation_fid_and_kid_against_the_target_domain(
         metric_key("kid_std", "cfebm-shapes-test-cnn"),
     }
     assert m[fid] < before[fid]  # translations are nearer the target domain than the sources
-    same = translate.fidelity_metrics(params, target, target, **quiet)
+    same = translate.fidelity_metrics(fidelity, target, target, **quiet)
     assert same[fid] == pytest.approx(0.0, abs=1e-6)
-    bad = translate.TranslateParams(fidelity={"extractors": ["domain"]})
-    with pytest.raises(ConfigError, match="features"):
-        translate.fidelity_metrics(bad, target, target, "cpu")
+    with pytest.raises(ConfigError, match="weights file"):
+        translate.fidelity_metrics(translate.Fidelity(extractors=["domain"]), target, target, "cpu")

@@ -10,7 +10,9 @@ measures, at every stage resolution:
   for three variants: ``naive`` (see below), ``fast-fp32`` and ``fast-bf16``
   (:class:`cfebm.frozen.FrozenEnergy`, built once per chain, inside the timing);
 - seconds per training iteration (coarse-to-fine chain through all stages <= s, loss,
-  Adam step): :func:`cfebm.trainer.train_step` against :func:`naive_train_step`;
+  Adam step): the trainer's step (finished stages' frozen energies built once, the
+  current one per step, :func:`cfebm.trainer.contrastive_step`) against
+  :func:`naive_train_step`;
 - peak resident memory (VmHWM) of each variant, each run in its own subprocess;
   timings run in one subprocess per network with the variants interleaved (the machine
   is shared: a change of load then hits naive and fast alike);
@@ -18,7 +20,7 @@ measures, at every stage resolution:
   thresholds that ``make`` exports, because the allocator moves the naive path a lot.
 
 The naive path is the same mathematics computed the way the authors' release does it:
-:meth:`EnergyNet.forward` in train mode (spectral norm and equalised-lr weights
+each stage's :meth:`EnergyNet.forward` in train mode (spectral norm and equalised-lr weights
 re-normalised on every call, the 1x1 input conv and every conv then pool at full
 resolution), parameters requiring gradients, ``E.sum().backward(retain_graph=True)`` with
 parameter gradients accumulating, and the graph kept until the next step's forward.
@@ -48,13 +50,13 @@ import torch
 
 from benchmarks.pyramid import peak_rss_kib
 from cfebm.config import CFEBMConfig, SamplerConfig, cifar10_release
-from cfebm.frozen import FrozenEnergy
+from cfebm.frozen import FrozenEnergy, stage_energies
 from cfebm.langevin import Energy, energy_and_grad, sample_langevin, upsample2x
-from cfebm.model import EnergyNet
+from cfebm.model import CoarseToFineEBM
 from cfebm.objective import contrastive_loss
-from cfebm.sampling import uniform_noise
+from cfebm.sampling import sample, uniform_noise
 from cfebm.schedules import chain_schedules
-from cfebm.trainer import make_optimizer, train_step
+from cfebm.trainer import contrastive_step, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
@@ -103,6 +105,8 @@ PRESETS = {
 def network_config(network: str, steps: int | None, smoke_width: int | None) -> CFEBMConfig:
     """The benchmarked network's config; ``steps`` overrides K, ``smoke_width`` the width."""
     cfg = cifar10_release() if network == "cifar10" else CFEBMConfig()
+    if cfg.model.channels is None:  # the default network on the default (grey) digits
+        cfg.model = dataclasses.replace(cfg.model, channels=1)
     if steps is not None:
         cfg.sampler = dataclasses.replace(cfg.sampler, steps=steps)
     if smoke_width is not None:
@@ -110,12 +114,19 @@ def network_config(network: str, steps: int | None, smoke_width: int | None) -> 
     return cfg
 
 
-def build_model(cfg: CFEBMConfig, stage: int, device: str, seed: int = 0) -> EnergyNet:
-    """A network grown to ``stage`` with random (non-zero) biases, so that the fused
-    border and skip-bias terms are exercised; timings do not depend on the values.
+def build_model(cfg: CFEBMConfig, stage: int, device: str, seed: int = 0) -> CoarseToFineEBM:
+    """A model grown to ``stage`` (one network per stage) with random (non-zero) biases, so
+    that the fused border and skip-bias terms are exercised; timings do not depend on the
+    values.
     """
     torch.manual_seed(seed)
-    model = EnergyNet(cfg.model, stage=stage)
+    model = CoarseToFineEBM(cfg.model)
+    for _ in range(stage):
+        model.grow()
+    for layer in model.modules():  # settle spectral norm's vectors, as training leaves them
+        if getattr(layer, "spectral", False):
+            for _ in range(10):
+                layer.effective_weight(update=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -127,19 +138,19 @@ def build_model(cfg: CFEBMConfig, stage: int, device: str, seed: int = 0) -> Ene
 
 
 def naive_energy_and_grad(
-    model: EnergyNet, x: torch.Tensor, stage: int, beta: float
+    model: CoarseToFineEBM, x: torch.Tensor, stage: int, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """E(x) [B] (still attached to its graph) and dE/dx, the release's way: module forward,
     ``backward(retain_graph=True)`` into the parameters' ``.grad`` as well as the input's.
     """
     x = x.detach().requires_grad_(True)
-    e = model(x, stage=stage, beta=beta)
+    e = model.nets[stage](x, beta=beta)
     e.sum().backward(retain_graph=True)
     return e, x.grad
 
 
 def naive_langevin(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     x: torch.Tensor,
     stage: int,
     beta: float,
@@ -164,11 +175,15 @@ def naive_langevin(
 
 
 def naive_sample(
-    model: EnergyNet, n: int, sampler: SamplerConfig, beta: float, generator: torch.Generator
+    model: CoarseToFineEBM,
+    n: int,
+    sampler: SamplerConfig,
+    beta: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """The coarse-to-fine chain of :func:`cfebm.sampling.sample` with :func:`naive_langevin`."""
     s = model.stage
-    device = model.head.linear.weight.device
+    device = model.device
     x = uniform_noise(n, model.cfg.channels, model.resolution(0), generator, device)
     steps, noise = chain_schedules(sampler, s + 1)
     clamp = (-1.0, 1.0) if sampler.clamp else None
@@ -186,24 +201,42 @@ def naive_sample(
 
 
 def naive_train_step(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     optimizer: torch.optim.Optimizer,
     x_data: torch.Tensor,
     cfg: CFEBMConfig,
     beta: float,
     generator: torch.Generator,
 ) -> float:
-    """What :func:`cfebm.trainer.train_step` does, with the naive sampler."""
+    """What the trainer's step does, with the naive sampler."""
     n = x_data.shape[0]
     x_sample = naive_sample(model, n, cfg.sampler, beta, generator)
-    energies = model(torch.cat([x_data, x_sample]), beta=beta)
+    energies = model.current(torch.cat([x_data, x_sample]), beta=beta)
     loss = contrastive_loss(energies[:n], energies[n:], cfg.train.energy_penalty)
     value = loss.item()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    torch.nn.utils.clip_grad_norm_(model.current.parameters(), float("inf"))
     optimizer.step()
     return value
+
+
+def fast_train_step(
+    model: CoarseToFineEBM,
+    coarse: list,
+    optimizer: torch.optim.Optimizer,
+    x_data: torch.Tensor,
+    cfg: CFEBMConfig,
+    beta: float,
+    generator: torch.Generator,
+) -> float:
+    """The trainer's step: the frozen energies of finished stages (``coarse``) reused, the
+    current stage's built for this step, then :func:`cfebm.trainer.contrastive_step`."""
+    energies = [*coarse, FrozenEnergy(model.current, beta)]
+    x_sample = sample(
+        model, len(x_data), cfg.sampler, beta=beta, generator=generator, energies=energies
+    )
+    return contrastive_step(model.current, optimizer, x_data, x_sample, cfg.train, beta).loss
 
 
 # --- equivalence -----------------------------------------------------------------------
@@ -216,7 +249,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def equivalence_errors(
-    model: EnergyNet, energy: Energy, x: torch.Tensor, stage: int, beta: float = 1.0
+    model: CoarseToFineEBM, energy: Energy, x: torch.Tensor, stage: int, beta: float = 1.0
 ) -> tuple[float, float]:
     """Relative errors (energy, input gradient) of ``energy`` against the naive path on x,
     the naive path in eval mode so that spectral norm's power iteration leaves ``u`` alone.
@@ -234,7 +267,7 @@ def equivalence_errors(
 
 
 def check_equivalence(
-    model: EnergyNet,
+    model: CoarseToFineEBM,
     energy: Energy,
     x: torch.Tensor,
     stage: int,
@@ -264,7 +297,7 @@ def equivalence_rows(network: str, preset: Preset, device: str) -> list[dict]:
         for beta in (1.0,) if stage == 0 else (1.0, 0.5):
             row = {"network": network, "stage": stage, "resolution": r, "beta": beta}
             for name, tol in (("fast-fp32", FP32_TOLERANCE), ("fast-bf16", BF16_TOLERANCE)):
-                energy = FrozenEnergy(model, stage, beta, DTYPES[name])
+                energy = FrozenEnergy(model.nets[stage], beta, DTYPES[name])
                 row[name] = check_equivalence(model, energy, x, stage, beta, tol)
             rows.append(row)
     return rows
@@ -312,7 +345,7 @@ def langevin_chains(
     def chain(variant: str, k: int) -> torch.Tensor:
         if variant == "naive":
             return naive_langevin(model, x0, stage, 1.0, etas[:k], sigmas[:k], generator)
-        energy = FrozenEnergy(model, stage, 1.0, DTYPES[variant])
+        energy = FrozenEnergy(model.nets[stage], 1.0, DTYPES[variant])
         return sample_langevin(energy, x0, etas[:k], sigmas[:k], generator=generator)
 
     return {"stage": stage, "resolution": r, "steps": len(etas)}, chain
@@ -327,7 +360,9 @@ def training_steps(
     cfg = network_config(network, preset.steps, preset.smoke_width)
     models = {v: build_model(cfg, stage, device).train() for v in TRAIN_VARIANTS}
     r = cfg.model.resolutions[stage]
-    optimizers = {v: make_optimizer(m, cfg.train, r) for v, m in models.items()}
+    optimizers = {v: make_optimizer(m.current, cfg.train, r) for v, m in models.items()}
+    fast = models["train-fast"]
+    coarse = stage_energies(fast, stage - 1) if stage else []
     generator = torch.Generator(device).manual_seed(stage)
     x_data = uniform_noise(preset.batch, cfg.model.channels, r, generator, device)
 
@@ -336,7 +371,7 @@ def training_steps(
         if variant == "train-naive":
             naive_train_step(model, optimizer, x_data, cfg, 1.0, generator)
         else:
-            train_step(model, optimizer, x_data, cfg, beta=1.0, generator=generator)
+            fast_train_step(model, coarse, optimizer, x_data, cfg, 1.0, generator)
 
     return {"stage": stage, "resolution": r, "steps": cfg.sampler.steps}, step
 

@@ -9,7 +9,7 @@ synthetic pyramid (written once, not timed; uint8 noise: the Langevin chain cost
 whatever the images).
 
 - ``plain``: :class:`cfebm.trainer.Trainer` in a fresh process, torch using every core;
-- ``ray1``: the training stage's Ray Train loop (pipelines/train_loop.py) on a local Ray,
+- ``ray1``: the training stage's Ray Train worker (pipelines/train.py) on a local Ray,
   1 worker with every core;
 - ``ray2``: the same, 2 DDP workers sharing the cores (each half the batch);
 - ``gpu`` / ``ray1-gpu``: plain and 1 Ray worker on CUDA, when there is a GPU.
@@ -18,7 +18,7 @@ Per variant: ``steady`` images/s over the timed steps (after warm-up; Ray: measu
 the worker) and ``end_to_end`` images/s over everything a user waits for (Ray: start-up
 of the local Ray, the controller and the workers, checkpoints, shutdown). The overhead of
 Ray is reported as ``plain / ray`` ratios of both. No checkpoint is written inside the
-timed window (``checkpoint.every`` is larger than the run). The machine may be shared:
+timed window (``loop.checkpoint_every`` is larger than the run). The machine may be shared:
 the variants run interleaved ``--repeats`` times and the best run of each is kept.
 """
 
@@ -31,15 +31,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from cfebm.config import from_dict, to_dict
-from cfebm.model import EnergyNet
-from cfebm.trainer import Trainer
-from pipelines.train_params import params_from_dict
+from cfebm.config import build_dataclass, from_dict, to_dict
+from cfebm.model import CoarseToFineEBM
+from cfebm.trainer import Trainer, model_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("plain", "ray1", "ray2", "gpu", "ray1-gpu")
@@ -52,19 +51,21 @@ def default_params() -> dict:
         return yaml.safe_load(f)["train"]
 
 
-def bench_config(stage: int, steps: int):
-    """The default cfebm config, with stage ``stage`` lasting exactly ``steps`` iterations
-    (its fade phase kept in proportion, so beta < 1 steps are timed too)."""
-    params = params_from_dict(default_params())
-    d = to_dict(params.cfebm)
-    r = params.cfebm.model.resolutions[stage]
-    batch = params.cfebm.train.batch_for(r)
+def bench_options(stage: int, steps: int):
+    """The default training stage's options, with stage ``stage`` lasting exactly ``steps``
+    iterations (its fade phase kept in proportion, so beta < 1 steps are timed too)."""
+    from pipelines.train import TrainStage
+
+    opts = build_dataclass(TrainStage, {**default_params(), "stages": []}, "train")
+    model = replace(opts.model, channels=opts.model.channels or 1)
+    r = model.resolutions[stage]
+    batch = opts.optim.batch_for(r)
     images = steps * batch
-    if stage == 0:
-        d["train"].update(stable_images=images)
-    else:
-        d["train"].update(fade_images=images // 3, stable_images=images - images // 3)
-    return from_dict(d), batch
+    fade = 0 if stage == 0 else images // 3
+    optim = replace(opts.optim, fade_images=fade, stable_images=images - fade, images={r: images})
+    loop = replace(opts.loop, checkpoint_every=10**9, progress_every_s=1e9, warmup_steps=0)
+    opts = replace(opts, model=model, optim=optim, loop=loop)
+    return opts, batch
 
 
 def write_synthetic_pyramid(root: str, cfg, n: int = 1024) -> str:
@@ -87,20 +88,29 @@ def write_synthetic_pyramid(root: str, cfg, n: int = 1024) -> str:
     return out
 
 
-def previous_model(cfg, stage: int) -> bytes | None:
-    from pipelines.train_loop import checkpoint_bytes
-
+def previous_model(cfg, stage: int) -> dict | None:
+    """A stage ``stage - 1`` model file (untrained: the cost of training does not depend on
+    the weights)."""
     if stage == 0:
         return None
-    model = EnergyNet(cfg.model, stage=stage - 1)
-    return checkpoint_bytes(
-        {
-            "format": "cfebm-checkpoint/1",
-            "config": to_dict(cfg),
+    model = CoarseToFineEBM(cfg.model, stage=stage - 1)
+    ckpt = {
+        "format": "cfebm-checkpoint/2",
+        "config": to_dict(cfg),
+        "stage": stage - 1,
+        "model": model.state_dict(),
+        "optimizer": {},
+        "best": None,
+        "state": {
             "stage": stage - 1,
-            "model": model.state_dict(),
-        }  # fmt: skip
-    )
+            "stage_images": 0,
+            "step": 0,
+            "total_images": 0,
+            "rollbacks": 0,
+            "flops": 0.0,
+        },
+    }
+    return model_file(ckpt)
 
 
 def run_plain(cfg, data_url: str, stage: int, warmup: int, device: str) -> dict:
@@ -117,7 +127,7 @@ def _plain(config: dict, data_url: str, stage: int, warmup: int, device: str) ->
     r = cfg.model.resolutions[stage]
     images = torch.from_numpy(np.array(PyramidStore(data_url).read("train", r)))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, {r: images}, device, model=EnergyNet(cfg.model, stage=stage))
+    trainer = Trainer(cfg, {r: images}, device, model=CoarseToFineEBM(cfg.model, stage=stage))
     times = []
     while not trainer.stage_done:
         t = time.perf_counter()
@@ -135,32 +145,37 @@ def _plain(config: dict, data_url: str, stage: int, warmup: int, device: str) ->
     }
 
 
-def run_ray(cfg, data_url: str, stage: int, warmup: int, workers: int, gpu: bool) -> dict:
-    import ray
+def run_ray(opts, data_url: str, stage: int, warmup: int, workers: int, gpu: bool) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipelines import ray_utils
-    from pipelines.train_loop import StageJob, train_loop_per_worker
+    from pipelines.train import train_loop_per_worker
 
     cpus = os.cpu_count() or 1
     storage = tempfile.mkdtemp(prefix="cfebm-bench-ray-")
     t0 = time.perf_counter()
     ray_utils.connect(None, None)
-    job = StageJob(
-        stage=stage,
-        config=to_dict(cfg),
-        data_url=data_url,
-        warm_start=previous_model(cfg, stage),
-        checkpoint_every=10**9,
-        progress_every_s=1e9,
-        threads=max(1, cpus // workers),
-        use_gpu=gpu,
-        warmup_steps=warmup,
+    opts = replace(
+        opts,
+        loop=replace(opts.loop, warmup_steps=warmup),
+        ray=replace(
+            opts.ray, resources_per_worker={"CPU": float(max(1, cpus // workers))}, use_gpu=gpu
+        ),
     )
+    cfg = opts.config()
+    job = {
+        "options": opts,
+        "stage": stage,
+        "config": cfg,
+        "data_url": data_url,
+        "previous": previous_model(cfg, stage),
+        "tracking_uri": None,
+        "run_id": None,
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(job),
+        train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=gpu,
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"no CUDA device: skipping {', '.join(skipped)}")
         variants = [v for v in variants if "gpu" not in v]
 
-    cfg, batch = bench_config(args.stage, args.steps + args.warmup)
+    opts, batch = bench_options(args.stage, args.steps + args.warmup)
+    cfg = opts.config()
     r = cfg.model.resolutions[args.stage]
     root = tempfile.mkdtemp(prefix="cfebm-bench-")
     rows = []
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     )
                 else:
                     workers = 2 if v == "ray2" else 1
-                    res = run_ray(cfg, data, args.stage, args.warmup, workers, "gpu" in v)
+                    res = run_ray(opts, data, args.stage, args.warmup, workers, "gpu" in v)
                 print(
                     f"  {v:9s} steady {res['steady']:8.1f} img/s   end-to-end "
                     f"{res['end_to_end']:8.1f} img/s   ({res['seconds']:.1f} s)",

@@ -240,9 +240,15 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
     run_name = f"stage{stage}-{r}x{r}-{key}"
     ray_ = opts.ray
     place = ray_utils.place(
-        ray_.address, ray_.local_cpus, ray_.storage, ray_.storage_options,
-        ray_.shared_filesystem, opts.data, opts.data_storage_options, "train.ray.storage",
-    )  # fmt: skip
+        ray_.address,
+        ray_.local_cpus,
+        ray_.storage,
+        ray_.storage_options,
+        ray_.shared_filesystem,
+        opts.data,
+        opts.data_storage_options,
+        "train.ray.storage",
+    )
     run_url = ray_utils.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
@@ -470,8 +476,7 @@ def train_loop_per_worker(job: dict) -> dict:
         score = scorer(opts, job["data_url"], r) if last and rank == 0 else None
     except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again
         return {"status": "config_error", "error": str(e)}
-    if rank == 0:
-        print(f"[rank {rank}/{world}] {len(images)} images at {r}x{r}: {how}", flush=True)
+    print(f"[rank {rank}/{world}] {len(images)} images at {r}x{r}: {how}", flush=True)
 
     def wrap(net):  # once beta reaches 1 the fade path is unused: DDP must not wait for it
         unused = {"find_unused_parameters": net.stage > 0}

@@ -467,9 +467,15 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
     name = f"tune-stage{p.stage}-{r}x{r}-{experiment_key(p, cfg, inputs)}"
 
     place = ray_utils.place(
-        p.ray.address, p.ray.local_cpus, p.storage, p.storage_options, p.shared_filesystem,
-        p.data, p.data_storage_options, "tune.storage",
-    )  # fmt: skip
+        p.ray.address,
+        p.ray.local_cpus,
+        p.storage,
+        p.storage_options,
+        p.shared_filesystem,
+        p.data,
+        p.data_storage_options,
+        "tune.storage",
+    )
     echo(f"tune: {place.connected}")
     storage_path, storage_fs, data_url = place.storage_path, place.storage_fs, place.data_url
     exp_path = f"{storage_path.rstrip('/')}/{name}"

@@ -20,8 +20,15 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORBIDDEN = {"ray", "mlflow", "dvc"}
-CORE = ["cfebm.model", "cfebm.frozen", "cfebm.sampling", "cfebm.loop", "cfebm.trainer",
-        "cfebm.checkpoint", "cfebm.config"]  # fmt: skip
+CORE = [
+    "cfebm.model",
+    "cfebm.frozen",
+    "cfebm.sampling",
+    "cfebm.loop",
+    "cfebm.trainer",
+    "cfebm.checkpoint",
+    "cfebm.config",
+]
 CORE_ALLOWED = {"torch", "numpy", "fsspec"}
 
 
@@ -35,7 +42,8 @@ def module_path(name: str) -> str | None:
 
 def imports_of(path: str, module: str) -> set[str]:
     """Every module ``path`` imports, anywhere in it (relative imports resolved)."""
-    tree = ast.parse(open(path).read(), path)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):

@@ -69,8 +69,12 @@ def test_chain_without_coarse_to_fine_starts_at_the_stage_resolution():
     torch.manual_seed(0)
     model = grown(ModelConfig(channels=1, resolutions=(4, 8), base_width=4), 1)
     seen = []
-    x = sample(model, 3, SamplerConfig(steps=4, coarse_to_fine=False),
-               callback=lambda d: seen.append(d["x"].shape[-1]))  # fmt: skip
+    x = sample(
+        model,
+        3,
+        SamplerConfig(steps=4, coarse_to_fine=False),
+        callback=lambda d: seen.append(d["x"].shape[-1]),
+    )
     assert x.shape == (3, 1, 8, 8) and seen == [8] * 8  # (s + 1) K steps of E_s alone
 
 

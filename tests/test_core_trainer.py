@@ -82,8 +82,10 @@ def test_finished_stage_energies_stay_exactly_as_their_stage_left_them():
     """E_t (t < s) on fixed inputs, and seeded samples at stage t, are bit-identical after
     training stage s to what they were at the end of stage t."""
     trainer = Trainer(tiny_cfg(), pyramid())
-    x = {t: torch.rand((6, 1, r, r), generator=torch.Generator().manual_seed(t)) * 2 - 1
-         for t, r in enumerate((4, 8))}  # fmt: skip
+    x = {
+        t: torch.rand((6, 1, r, r), generator=torch.Generator().manual_seed(t)) * 2 - 1
+        for t, r in enumerate((4, 8))
+    }
     energies, samples = {}, {}
     for t in range(2):
         fit(trainer, until_stage=t)

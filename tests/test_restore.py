@@ -144,8 +144,11 @@ def test_fidelity_energy_adds_the_gaussian_likelihood_gradient():
 
 
 def test_restore_config_errors_name_the_option():
-    for bad, match in (({"masks": ["star"]}, "masks"), ({"fill": "grey"}, "fill"),
-                       ({"mode": "magic"}, "mode")):  # fmt: skip
+    for bad, match in (
+        ({"masks": ["star"]}, "masks"),
+        ({"fill": "grey"}, "fill"),
+        ({"mode": "magic"}, "mode"),
+    ):
         with pytest.raises(ConfigError, match=match):
             RestoreConfig(**bad)
 
@@ -159,8 +162,15 @@ def test_denoising_improves_psnr_and_depends_on_the_energy(digits_model, digits_
     chain = RestoreConfig().denoise_chain
 
     def restored_psnr(energies) -> float:
-        out = denoise(energies, noisy, chain, mode="posterior", noise_sigma=0.5, fidelity=0.1,
-                      generator=gen(2))  # fmt: skip
+        out = denoise(
+            energies,
+            noisy,
+            chain,
+            mode="posterior",
+            noise_sigma=0.5,
+            fidelity=0.1,
+            generator=gen(2),
+        )
         return psnr(out, x).mean().item()
 
     before = psnr(noisy, x).mean().item()
@@ -189,12 +199,24 @@ def test_prior_mode_is_the_finest_stage_alone_from_the_corrupted_image(digits_mo
     x = digits_test[:16]
     seen = []
     noisy = gaussian_noise(x, 0.3, gen(1))
-    denoise(digits_model.model, noisy, ChainConfig(steps=4), mode="prior",
-            callback=lambda d: seen.append((d["stage"], d["x"].shape[-1])))  # fmt: skip
+    denoise(
+        digits_model.model,
+        noisy,
+        ChainConfig(steps=4),
+        mode="prior",
+        callback=lambda d: seen.append((d["stage"], d["x"].shape[-1])),
+    )
     assert seen == [(0, 8)] * 4
     seen.clear()
-    denoise(digits_model.model, noisy, ChainConfig(steps=4), mode="posterior", noise_sigma=0.3,
-            fidelity=0.1, callback=lambda d: seen.append((d["stage"], d["x"].shape[-1])))  # fmt: skip
+    denoise(
+        digits_model.model,
+        noisy,
+        ChainConfig(steps=4),
+        mode="posterior",
+        noise_sigma=0.3,
+        fidelity=0.1,
+        callback=lambda d: seen.append((d["stage"], d["x"].shape[-1])),
+    )
     assert seen == [(0, 4)] * 4 + [(1, 8)] * 4
 
 

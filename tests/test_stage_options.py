@@ -54,9 +54,11 @@ def test_dotted_overrides_lay_over_the_params_file(tmp_path):
         p.add_argument("--stage", type=int, required=True)
 
     opts, extra = _cli.parse(
-        TrainStage, "train", ["--params", path, "--stage", "1", "--optim.lr", "{4: 0.002}",
-                              "--sampler.steps", "7"], arguments=stage,
-    )  # fmt: skip
+        TrainStage,
+        "train",
+        ["--params", path, "--stage", "1", "--optim.lr", "{4: 0.002}", "--sampler.steps", "7"],
+        arguments=stage,
+    )
     assert extra.stage == 1 and opts.optim.lr == {4: 0.002} and opts.optim.seed == 3
     assert opts.sampler.steps == 7 and opts.ray.workers == 2
     # the validated objects are the cfebm configs themselves: no field copies
@@ -105,8 +107,15 @@ def test_dry_run_prints_the_resolved_settings_without_secrets(tmp_path, capsys):
     from pipelines import train
 
     secret = "s3cr3t-Key-Value"
-    path = write(tmp_path, {"train": {"ray": {"storage_options": {"key": "AKIA", "secret": secret}},
-                                      "data": f"https://user:{secret}@host/data"}})  # fmt: skip
+    path = write(
+        tmp_path,
+        {
+            "train": {
+                "ray": {"storage_options": {"key": "AKIA", "secret": secret}},
+                "data": f"https://user:{secret}@host/data",
+            }
+        },
+    )
     train.main(["--params", path, "--stage", "0", "--dry-run"])
     out = capsys.readouterr().out
     assert secret not in out and "***" in out and "https://user:***@host/data" in out

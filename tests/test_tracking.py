@@ -90,20 +90,44 @@ def test_an_orchestrators_parent_is_used_and_left_to_it(tmp_path, monkeypatch):
 
 def pipeline(monkeypatch, uri, invocation, step_size, seconds, scores, tune_best):
     """One pipeline run as tune, train@0, train@1, evaluate@0 and evaluate@1 record it."""
-    t, _ = stage(monkeypatch, uri, invocation, "tune-stage0", f"tune-{invocation}",
-                 {"tune": {"num_samples": 4}}, {"cfebm.stage": "tune"}, {"best_score": tune_best})  # fmt: skip
+    t, _ = stage(
+        monkeypatch,
+        uri,
+        invocation,
+        "tune-stage0",
+        f"tune-{invocation}",
+        {"tune": {"num_samples": 4}},
+        {"cfebm.stage": "tune"},
+        {"best_score": tune_best},
+    )
     train = {
         "model": {"base_width": 16},
         "sampler": {"step_size": step_size},
         "ray": {"workers": 1},
     }
     for s, sec in enumerate(seconds):
-        stage(monkeypatch, uri, invocation, f"stage{s}", f"s{s}-{invocation}",
-              {"train": train, "stage": s}, {"cfebm.stage": str(s)}, {"stage_seconds": sec})  # fmt: skip
+        stage(
+            monkeypatch,
+            uri,
+            invocation,
+            f"stage{s}",
+            f"s{s}-{invocation}",
+            {"train": train, "stage": s},
+            {"cfebm.stage": str(s)},
+            {"stage_seconds": sec},
+        )
     for s, (fid, kid) in enumerate(scores):
         metrics = {f"stage_{s}/fid_{EXTRACTOR}": fid, f"stage_{s}/kid_mean_{EXTRACTOR}": kid}
-        stage(monkeypatch, uri, invocation, "evaluate", f"e{s}-{invocation}",
-              {"evaluate": {"num_samples": 1000}}, {"cfebm.stage": "evaluate"}, metrics)  # fmt: skip
+        stage(
+            monkeypatch,
+            uri,
+            invocation,
+            "evaluate",
+            f"e{s}-{invocation}",
+            {"evaluate": {"num_samples": 1000}},
+            {"cfebm.stage": "evaluate"},
+            metrics,
+        )
     tracking.flush()
 
 

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup run submit cluster-up cluster-down compare test bench lint format ui clean
+.PHONY: setup run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# `make run PRESET=cifar10 DATA=cifar-10-python.tar.gz` runs a preset of presets/ on your data.
+PRESET ?=
+DATA ?=
 run: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.run $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))
+
+# The Ray Tune search of the Langevin sampler (its result: tune/best.json).
+tune: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro tune
+
+# Coarse to fine against the finest resolution directly and against progressive growing
+# without coarse-to-fine sampling, at equal compute (needs the data and features stages).
+ablation: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro pyramid features
+	$(BIN)/python -m pipelines.ablation
 
 # The pipeline as a Ray job on a running cluster (RAY_ADDRESS=http://head:8265, or the local
 # one of infra/local/cluster.sh); SUBMIT_ARGS="-- COMMAND..." runs something else.

@@ -229,6 +229,42 @@ class TrainConfig:
         return n
 
 
+SCORE_METRICS = ("fid", "kid")
+SCORE_EXTRACTORS = ("domain", "inception-v3-compat")
+
+
+@dataclass
+class ScoreConfig:
+    """A score of a model's samples while it trains, lower is better: FID or KID against
+    the training data in a named feature space (:mod:`cfebm.metrics`)."""
+
+    metric: str = "fid"
+    """fid, or kid (reliable with fewer samples)."""
+    extractor: str = "domain"
+    """``domain`` (the features stage's CNN, weights ``features``) or
+    ``inception-v3-compat`` (weights ``inception_weights``)."""
+    features: str = "models/features.pt"
+    inception_weights: str | None = None
+    num_samples: int = 500
+    """Samples per score: the same seeded chains every time (common random numbers)."""
+    num_reference: int | None = 2000
+    """Training images in the reference (a seeded subset); null: all of them."""
+    seed: int = 0
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.metric not in SCORE_METRICS or self.extractor not in SCORE_EXTRACTORS:
+            raise ConfigError(
+                f"score: metric {self.metric!r} must be one of {SCORE_METRICS}, extractor "
+                f"{self.extractor!r} one of {SCORE_EXTRACTORS}"
+            )
+        if self.num_samples < 2 or (self.num_reference is not None and self.num_reference < 2):
+            raise ConfigError("score: num_samples and num_reference must be >= 2")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ConfigError("score: kid_subsets must be >= 1 and kid_subset_size >= 2")
+
+
 @dataclass
 class CFEBMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

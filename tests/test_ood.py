@@ -128,5 +128,6 @@ def test_smoke_model_tells_noise_and_other_data_from_digits(digits_model, digits
     assert report["uniform"] > 0.95, report
     assert report["constant"] > 0.9, report
     assert report["shapes"] > 0.9, report
-    # Interpolations (blends of real digits) are the hard set; the smoke model is near chance.
-    assert 0.0 <= report["interpolation"] <= 1.0
+    # Interpolations (blends of real digits) are the hard set: the lowest AUROC of all.
+    others = min(report[k] for k in ("uniform", "constant", "shapes"))
+    assert report["interpolation"] < others, report

@@ -210,8 +210,10 @@ def test_a_stage_across_two_nodes_survives_losing_a_node(
         output = f.read()
     assert rc == 0, output
 
-    with open(os.path.join(root, "metrics", "train-stage1.json")) as f:
-        metrics = json.load(f)
+    metrics = {}  # results, and how the run went
+    for path in ("metrics/train-stage1.json", "models/stage1/run.json"):
+        with open(os.path.join(root, path)) as f:
+            metrics.update(json.load(f))
     assert metrics["status"] == "completed" and metrics["workers"] == 2
     assert metrics["step"] == 150 and metrics["stage_images"] == 4800
     # Resumed from a checkpoint (at least the one seen before the kill), not restarted.

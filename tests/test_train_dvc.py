@@ -22,6 +22,11 @@ pytestmark = pytest.mark.slow
 INJECT_AT = 15
 
 
+def read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def registered_steps(root) -> list[int]:
     """Steps of the train@1 checkpoints that Ray Train has registered."""
     steps = []
@@ -58,10 +63,10 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
     out = second.stdout + second.stderr
     assert "Running stage 'train@0'" not in out and "Running stage 'train@1'" in out
 
-    with open(f"{root}/metrics/train-stage0.json") as f:
-        m0 = json.load(f)
-    with open(f"{root}/metrics/train-stage1.json") as f:
-        m1 = json.load(f)
+    m0, m1 = (
+        {**read(f"{root}/metrics/train-stage{s}.json"), **read(f"{root}/models/stage{s}/run.json")}
+        for s in (0, 1)
+    )  # results, and how the run went
     assert m0["status"] == "completed" and m0["step"] == 60 and m0["rollbacks"] == 1
     assert m0["lr"] == pytest.approx(0.5e-3)  # lowered once by the rollback
     # Resumed, not restarted: the step counter and the images seen went on.

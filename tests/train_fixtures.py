@@ -68,8 +68,10 @@ def make_project(root, params: dict, git: bool = True) -> str:
     root = str(root)
     os.makedirs(root, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
-    for name in ("cfebm", "pipelines"):
+    for name in ("cfebm", "pipelines", "presets"):
         shutil.copytree(os.path.join(REPO, name), os.path.join(root, name), ignore=ignore)
+    os.makedirs(os.path.join(root, "tune"), exist_ok=True)
+    shutil.copy(os.path.join(REPO, "tune", "untuned.json"), os.path.join(root, "tune"))
     shutil.copy(os.path.join(REPO, ".gitignore"), os.path.join(root, ".gitignore"))
     with open(os.path.join(root, "dvc.yaml"), "w") as f:
         yaml.safe_dump(training_pipeline(), f, sort_keys=False)

@@ -42,7 +42,7 @@ def check_resolution(value: int, name: str) -> None:
 
 
 def pyramid_resolutions(finest: int, coarsest: int) -> list[int]:
-    """Resolutions from ``coarsest`` to ``finest``, each twice the previous (METHOD: stages)."""
+    """Resolutions from ``coarsest`` to ``finest``, each twice the previous (the stages)."""
     check_resolution(finest, "finest resolution")
     check_resolution(coarsest, "pyramid.coarsest")
     if coarsest > finest:

@@ -1,4 +1,4 @@
-"""Mean-pooling pyramids: the data of stage s-1 is stage s's data pooled 2x2 (METHOD.md).
+"""Mean-pooling pyramids: the data of stage s-1 is stage s's data pooled 2x2 (paper Sec. 3.1).
 
 ``build_pyramid`` reads a prepared dataset (finest level only) and writes a new root with
 every level down to ``coarsest``, one shard at a time, so memory is bounded by one shard

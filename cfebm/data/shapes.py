@@ -6,7 +6,7 @@ noise), drawn 4x supersampled and box-filtered for anti-aliasing. Labels are
 (shape, colour). Everything is a function of (seed, split), so the data is reproducible
 without downloading anything.
 
-Two domains for image-to-image translation (METHOD: one-sided translation): ``domain="a"``
+Two domains for image-to-image translation (one-sided translation, paper Sec. 3.4): ``domain="a"``
 paints objects in red-ish colours, ``domain="b"`` in blue-ish colours. The random draws do
 not depend on the domain, so with the same seed scene i has the same shape, geometry and
 background in both domains, and only the object's colour differs: a paired ground truth for

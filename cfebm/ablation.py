@@ -114,7 +114,8 @@ def run_ablation(
     budget = budget_gflops * 1e9 if budget_gflops else None
     if budget is None and "coarse_to_fine" not in variants:
         raise ConfigError("ablation: set budget_gflops, or include coarse_to_fine (it sets it)")
-    refs = {r: reference_images(store, "train", r, num_reference, 0) for r in base.model.resolutions}
+    resolutions = base.model.resolutions
+    refs = {r: reference_images(store, "train", r, num_reference, 0) for r in resolutions}
     metrics = MetricsConfig(prc=False, kid_subset_size=min(1000, num_samples))
 
     def score(t) -> dict:

@@ -256,13 +256,13 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.metric not in SCORE_METRICS or self.extractor not in SCORE_EXTRACTORS:
             raise ConfigError(
-                f"score: metric {self.metric!r} must be one of {SCORE_METRICS}, extractor "
+                f"metric {self.metric!r} must be one of {SCORE_METRICS}, extractor "
                 f"{self.extractor!r} one of {SCORE_EXTRACTORS}"
             )
         if self.num_samples < 2 or (self.num_reference is not None and self.num_reference < 2):
-            raise ConfigError("score: num_samples and num_reference must be >= 2")
+            raise ConfigError("num_samples and num_reference must be >= 2")
         if self.kid_subsets < 1 or self.kid_subset_size < 2:
-            raise ConfigError("score: kid_subsets must be >= 1 and kid_subset_size >= 2")
+            raise ConfigError("kid_subsets must be >= 1 and kid_subset_size >= 2")
 
 
 @dataclass
@@ -373,8 +373,9 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
         )
     try:
         return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{e}") from None
+    except ConfigError as e:  # named already, or named here (a class used in several places)
+        named = str(e).startswith(where) or f"{where.split('.')[0]}." in str(e)
+        raise ConfigError(str(e) if named else f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 

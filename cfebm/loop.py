@@ -397,6 +397,21 @@ def fit(
         trainer.advance_stage()
 
 
+def step_metrics(trainer: Trainer, r: StepResult, seconds: float, world: int = 1) -> dict:
+    """The curves of a training step, as every stage logs them (``world``: data-parallel
+    workers, each stepping ``r.images`` images in ``seconds``)."""
+    return {
+        "loss": r.loss,
+        "energy_data": r.e_data,
+        "energy_sample": r.e_sample,
+        "beta": r.beta,
+        "grad_norm": r.grad_norm,
+        "images_per_s": r.images * world / seconds if seconds > 0 else None,
+        "stage_images": trainer.state.stage_images,
+        "lr": trainer.lr,
+    }
+
+
 class FileCheckpoints(Hooks):
     """Checkpoints of an in-process run to one file (any fsspec URL), tagged with ``key``
     (what the run depends on), so that :func:`resume_from_file` continues only the same
@@ -407,8 +422,7 @@ class FileCheckpoints(Hooks):
         self.curve: list[tuple[int, dict]] = []
 
     def after_step(self, trainer, r, seconds) -> None:
-        values = {"loss": r.loss, "e_data": r.e_data, "e_sample": r.e_sample, "beta": r.beta}
-        self.curve.append((len(self.curve), values))
+        self.curve.append((len(self.curve), step_metrics(trainer, r, seconds)))
 
     def checkpoint(self, trainer, info) -> None:
         from .checkpoint import save_checkpoint

@@ -43,6 +43,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from . import io as cio
+from .config import SCORE_EXTRACTORS
 from .features import FEATURE_LAYER, FeatureError, check_name, load_feature_net, to_input
 
 INCEPTION = "inception-v3-compat"
@@ -348,7 +349,8 @@ def inception_extractor(
     return Extractor(INCEPTION, local, 3, layer)
 
 
-EXTRACTORS = (DOMAIN, INCEPTION)
+EXTRACTORS = SCORE_EXTRACTORS
+assert EXTRACTORS == (DOMAIN, INCEPTION)
 
 
 def make_extractor(

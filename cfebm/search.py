@@ -151,6 +151,30 @@ def pick_best(trials: list[TrialSummary]) -> TrialSummary:
     return min(scored, key=lambda t: (-t.step, t.score))
 
 
+def search_result(
+    trials: list[TrialSummary], best: TrialSummary, baseline: dict, metric: str
+) -> tuple[dict, dict]:
+    """(the search's result: the best setting, its score, the baseline setting and every
+    trial's outcome; its DVC metrics: the best score and setting, counts per outcome)."""
+    result = {
+        "sampler": best.setting,
+        "score": best.score,
+        "metric": metric,
+        "metric_key": best.score_key,
+        "step": best.step,
+        "trial_id": best.trial_id,
+        "baseline": baseline,
+        "trials": [dataclasses.asdict(t) for t in trials],
+    }
+    metrics = {
+        "best_score": best.score,
+        **{f"best_{k}": v for k, v in best.setting.items()},
+        "trials": len(trials),
+        **{o: sum(t.outcome == o for t in trials) for o in OUTCOMES},
+    }
+    return result, metrics
+
+
 def tuned_sampler(path: str) -> dict:
     """The sampler settings of the tune stage's output ``path`` (ConfigError naming it)."""
     if not cio.exists(path):

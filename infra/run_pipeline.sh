@@ -5,7 +5,7 @@
 #
 #   * DVC outputs (datasets, models, metrics) -> the DVC remote, with the run cache, so that
 #     a stage that an earlier job already ran is restored instead of run again;
-#   * Ray Train checkpoints, Tune experiments -> train.ray.storage, tune.storage (s3://...);
+#   * Ray Train checkpoints, Tune experiments -> train.ray.storage, tune.ray.storage (s3://...);
 #   * runs, curves, sample grids             -> the MLflow server at MLFLOW_TRACKING_URI.
 #
 #   infra/run_pipeline.sh [--smoke] [--overlay FILE]... [--set KEY=VALUE]... [--storage URL]
@@ -17,7 +17,7 @@
 #   --set K=V       set params key K (dotted) to the YAML value V, after the overlays, e.g.
 #                   --set 'train.model.resolutions=[4, 8]'
 #   --storage URL   shared storage of the run: checkpoints go to URL/checkpoints
-#                   (train.ray.storage), Tune experiments to URL/tune (tune.storage) [$CFEBM_STORAGE; none: params.yaml's setting]
+#                   (train.ray.storage), Tune experiments to URL/tune (tune.ray.storage) [$CFEBM_STORAGE; none: params.yaml's setting]
 #   --remote URL    DVC remote, e.g. s3://bucket/dvc [$CFEBM_DVC_REMOTE; none: no push]
 #   --no-push       do not push outputs and run cache to the remote at the end
 #   TARGET...       stages for `dvc repro` (default: the whole pipeline)
@@ -71,7 +71,7 @@ while (($#)); do
 done
 # Before the --set options, so that an explicit --set train.ray.storage=... wins.
 if [[ -n $storage ]]; then
-	sets=("train.ray.storage=${storage%/}/checkpoints" "tune.storage=${storage%/}/tune" "${sets[@]}")
+	sets=("train.ray.storage=${storage%/}/checkpoints" "tune.ray.storage=${storage%/}/tune" "${sets[@]}")
 fi
 
 say() { printf 'run_pipeline: %s\n' "$*"; }

@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cfebm.config import ConfigError
 from cfebm.data import layout
 from cfebm.data.storage import filesystem, is_local
 
@@ -208,6 +209,34 @@ def fs_is_local(url: str, storage_options: dict | None = None) -> bool:
 
 
 @dataclass
+class ClusterOptions:
+    """Where a Ray job runs and keeps its checkpoints (``train.ray``, ``tune.ray``)."""
+
+    address: str | None = None
+    """Ray cluster to join; null: ``RAY_ADDRESS`` if set, else start a local Ray."""
+    local_cpus: int | None = None
+    """CPUs of a Ray started locally (null: all of this machine's)."""
+    storage: str = "runs/ray"
+    """Run storage (checkpoints, outside DVC's outputs): a local folder, or s3://... on a
+    cluster."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for ``storage`` (e.g. endpoint_url); s3fs also reads AWS_* variables."""
+    shared_filesystem: bool = False
+    """Local paths are on a filesystem every node mounts (NFS): allows local ``storage``
+    and data on a multi-node cluster."""
+    max_failures: int = 3
+    """Times Ray restarts the work from its last checkpoint after a failure (-1: always)."""
+    keep_checkpoints: int | None = 3
+    """Checkpoints kept (the newest); null: all."""
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1 or (
+            self.keep_checkpoints is not None and self.keep_checkpoints < 1
+        ):
+            raise ConfigError("max_failures must be >= -1 and keep_checkpoints >= 1 or null")
+
+
+@dataclass
 class Placement:
     """Where a Ray job's workers run and what they read and write."""
 
@@ -223,24 +252,13 @@ class Placement:
     """``storage_path`` and ``storage_filesystem`` for Ray's RunConfig."""
 
 
-def place(
-    address: str | None,
-    local_cpus: int | None,
-    storage: str,
-    storage_options: dict,
-    shared_filesystem: bool,
-    data: str,
-    data_options: dict,
-    what: str,
-) -> Placement:
-    """Join or start Ray, check that ``storage`` (named ``what`` in errors) is reachable
-    by every node, and make the dataset readable by every worker."""
-    connected = connect(address, local_cpus)
+def place(opts: ClusterOptions, data: str, data_options: dict, what: str) -> Placement:
+    """Join or start Ray, check that ``opts.storage`` (named ``what`` in errors) is
+    reachable by every node, and make the dataset readable by every worker."""
+    connected = connect(opts.address, opts.local_cpus)
     nodes = len(alive_nodes())
-    storage = absolute(storage)
-    check_paths(nodes, {what: storage}, shared_filesystem)
-    data_url = dataset_for_workers(
-        data, storage, nodes, shared_filesystem, data_options, storage_options
-    )
-    path, fs = ray_storage(storage, storage_options)
+    storage, shared = absolute(opts.storage), opts.shared_filesystem
+    check_paths(nodes, {what: storage}, shared)
+    data_url = dataset_for_workers(data, storage, nodes, shared, data_options, opts.storage_options)
+    path, fs = ray_storage(storage, opts.storage_options)
     return Placement(connected, nodes, data_url, storage, path, fs)

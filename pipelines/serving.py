@@ -50,7 +50,8 @@ class EnergyModel(mlflow.pyfunc.PythonModel):
 def log_model(run_id: str, tracking_uri: str, model_path: str, registered_name: str | None) -> str:
     """Log the model file at ``model_path`` as an MLflow pyfunc model of run ``run_id``
     (with its signature and cfebm config); register it as a new version of
-    ``registered_name`` when given. Returns the model's URI (``runs:/<id>/model``)."""
+    ``registered_name`` when given. Returns the model's URI (``models:/<model id>``; also
+    ``runs:/<run id>/model``)."""
     import numpy as np
     import yaml
     from mlflow.models.signature import ModelSignature
@@ -76,7 +77,7 @@ def log_model(run_id: str, tracking_uri: str, model_path: str, registered_name: 
             pip_requirements=[],
         )
         if registered_name:
-            version = mlflow.register_model(f"runs:/{run_id}/model", registered_name)
+            version = mlflow.register_model(info.model_uri, registered_name)
             client.set_model_version_tag(
                 registered_name, version.version, "cfebm.stage", str(ckpt["stage"])
             )

@@ -40,14 +40,18 @@ from cfebm.checkpoint import (
     save_checkpoint,
     save_worker_checkpoint,
 )
-from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
+from cfebm.config import (
+    CFEBMConfig,
+    ConfigError,
+    ModelConfig,
+    SamplerConfig,
+    ScoreConfig,
+    TrainConfig,
+)
 from cfebm.data import DataError, PyramidStore, worker_images
-from cfebm.evaluate import ScoreHook, reference_images
 from cfebm.features import FeatureError
 from cfebm.images import make_grid, stage_pictures
-from cfebm.loop import Hooks, InjectDivergence, LoopConfig, train_stage
-from cfebm.metrics import make_extractor
-from cfebm.model import CoarseToFineEBM
+from cfebm.loop import Hooks, InjectDivergence, LoopConfig, step_metrics, train_stage
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
 from cfebm.trainer import (
@@ -56,8 +60,9 @@ from cfebm.trainer import (
     load_previous_stage,
     model_file,
     model_from_checkpoint,
-    next_stage_model,
     per_worker,
+    stage_metrics,
+    stage_trainer,
 )
 from pipelines import _cli, ray_utils, serving, tracking
 
@@ -65,11 +70,9 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
-class RayOptions:
+class RayOptions(ray_utils.ClusterOptions):
     """Where and how wide a stage runs."""
 
-    address: str | None = None
-    """Ray cluster to join; null: ``RAY_ADDRESS`` if set, else start a local Ray."""
     workers: int = 1
     """Data-parallel workers (DDP). Batch sizes are global: each worker takes
     ``batch_size / workers`` images per step."""
@@ -78,25 +81,11 @@ class RayOptions:
     """Ray resources of each worker; ``CPU`` also sets its torch threads."""
     placement_strategy: str = "PACK"
     """PACK fills a node first; SPREAD puts workers on different nodes where it can."""
-    max_failures: int = 3
-    """Times Ray Train restarts the workers from the last checkpoint after a failure."""
-    storage: str = "runs/ray"
-    """Ray Train run storage (checkpoints): a local folder, or s3://... on a cluster."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for ``storage`` (e.g. endpoint_url); s3fs also reads AWS_* variables."""
-    shared_filesystem: bool = False
-    """Local paths are on a filesystem every node mounts (NFS): allows local ``storage``
-    and ``data`` on a multi-node cluster."""
-    local_cpus: int | None = None
-    """CPUs of a Ray started locally (null: all of this machine's)."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept per stage (the newest)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.keep_checkpoints < 1 or self.max_failures < -1:
-            raise ConfigError(
-                "train.ray: workers and keep_checkpoints must be >= 1, max_failures >= -1"
-            )
+        super().__post_init__()
+        if self.workers < 1:
+            raise ConfigError("train.ray.workers must be >= 1")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(
                 f"train.ray.placement_strategy {self.placement_strategy!r} not in "
@@ -117,21 +106,12 @@ class SampleLogging:
 
 
 @dataclass
-class Selection:
-    """The release selects its model by FID: the last stage can be evaluated every
+class Selection(ScoreConfig):
+    """The release selects its model by FID: the last stage can be scored every
     ``every_images`` images and keep its best-scoring network as the stage's model."""
 
     every_images: int = 0
-    """Images between evaluations of the last stage; 0: none (the final network is kept)."""
-    extractor: str = "domain"
-    """Feature space of the score: ``domain`` (the features stage's CNN) or
-    ``inception-v3-compat``."""
-    features: str = "models/features.pt"
-    inception_weights: str | None = None
-    metric: str = "fid"
-    """fid or kid: the score that ranks the evaluations (lower is better)."""
-    num_samples: int = 500
-    num_reference: int | None = 2000
+    """Images between scores of the last stage; 0: none (the final network is kept)."""
 
 
 @dataclass
@@ -243,16 +223,7 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
     ray_ = opts.ray
-    place = ray_utils.place(
-        ray_.address,
-        ray_.local_cpus,
-        ray_.storage,
-        ray_.storage_options,
-        ray_.shared_filesystem,
-        opts.data,
-        opts.data_storage_options,
-        "train.ray.storage",
-    )
+    place = ray_utils.place(ray_, opts.data, opts.data_storage_options, "train.ray.storage")
     run_url = ray_utils.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
@@ -360,30 +331,15 @@ def write_outputs(opts: TrainStage, stage: int, model_ckpt: dict, summary: dict,
     pngs = stage_pictures(model, opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
     for name, png in pngs.items():
         cio.write_bytes(os.path.join(out, name), png)
-    state, last = model_ckpt["state"], summary.get("last") or {}
-    metrics = {
-        "stage": stage,
-        "resolution": model.resolution(),
-        "step": state["step"],
-        "stage_images": state["stage_images"],
-        "total_images": state["total_images"],
-        "rollbacks": state["rollbacks"],
-        "lr": summary.get("lr"),
-        "gflops": round(state["flops"] / 1e9, 3),
-        "loss": last.get("loss"),
-        "energy_data": last.get("e_data"),
-        "energy_sample": last.get("e_sample"),
-        "best_score": (model_ckpt["best"] or {}).get("score"),
-    }
+    metrics, step = stage_metrics(model_ckpt, summary), model_ckpt["state"]["step"]
     cio.write_bytes(
         os.path.join(opts.metrics, f"train-stage{stage}.json"), _cli.json_bytes(metrics)
     )
     if track:
         c, run_id = track.client, track.run_id
-        tracking.log_png(c, run_id, pngs["samples.png"], key="samples", step=state["step"])
+        tracking.log_png(c, run_id, pngs["samples.png"], key="samples", step=step)
         for name, png in pngs.items():
             tracking.log_png(c, run_id, png, f"final/{name}")
-        c.log_artifact(run_id, model_path, "model")
     return metrics
 
 
@@ -419,20 +375,7 @@ class RayHooks(Hooks):
 
     def after_step(self, t: Trainer, r, seconds: float) -> None:
         step = t.state.step
-        rate = r.images * self.world / seconds if seconds > 0 else None
-        self._log(
-            step,
-            {
-                "loss": r.loss,
-                "energy_data": r.e_data,
-                "energy_sample": r.e_sample,
-                "beta": r.beta,
-                "grad_norm": r.grad_norm,
-                "images_per_s": rate,
-                "stage_images": t.state.stage_images,
-                "lr": t.lr,
-            },
-        )
+        self._log(step, step_metrics(t, r, seconds, self.world))
         every, n = self.opts.samples.every, self.opts.samples.count
         if self.client is not None and every and step % every == 0:
             images = draw(t.model, t.cfg.sampler, n, seed=4242, beta=t.beta)
@@ -458,17 +401,6 @@ class RayHooks(Hooks):
             tracking.flush()
 
 
-def scorer(opts: TrainStage, data_url: str, resolution: int) -> ScoreHook:
-    """The last stage's evaluations (``train.selection``), in the configured feature space."""
-    sel = opts.selection
-    store = PyramidStore(data_url, opts.data_storage_options)
-    reference = reference_images(store, "train", resolution, sel.num_reference, opts.optim.seed)
-    extractor = make_extractor(
-        sel.extractor, features=sel.features, inception_weights=sel.inception_weights
-    )
-    return ScoreHook(extractor, reference, metric=sel.metric, num_samples=sel.num_samples)
-
-
 def train_loop_per_worker(job: dict) -> dict:
     """Ray Train entry point: one worker's part of one stage (returns rank 0's summary)."""
     import ray.train
@@ -486,7 +418,12 @@ def train_loop_per_worker(job: dict) -> dict:
     try:
         store = PyramidStore(job["data_url"], opts.data_storage_options)
         images, how = worker_images(store, r, rank, world)
-        score = scorer(opts, job["data_url"], r) if last and rank == 0 else None
+        if last and rank == 0:  # (the metrics libraries load only where they are used)
+            from cfebm.evaluate import score_hook
+
+            score = score_hook(opts.selection, store, r)
+        else:
+            score = None
     except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again
         return {"status": "config_error", "error": str(e)}
     print(f"[rank {rank}/{world}] {len(images)} images at {r}x{r}: {how}", flush=True)
@@ -495,29 +432,23 @@ def train_loop_per_worker(job: dict) -> dict:
         unused = {"find_unused_parameters": net.stage > 0}
         return ray.train.torch.prepare_model(net, parallel_strategy_kwargs=unused)
 
+    state, exact = None, True
     checkpoint = ray.train.get_checkpoint()
-    model = CoarseToFineEBM(cfg.model, stage)  # its weights come from the checkpoint
-    if checkpoint is None:
-        model = next_stage_model(job["previous"], stage, cfg.train.seed, device) if stage else None
-    data = {r: torch.from_numpy(images)}
-    trainer = Trainer(
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, exact = load_worker_checkpoint(d, rank, world)
+    trainer = stage_trainer(
         per_worker(cfg, world),
-        data,
-        device,
-        model=model,
+        stage,
+        {r: torch.from_numpy(images)},
+        job["previous"],
+        state,
+        exact=exact,
+        device=device,
         world_size=world,
         rank=rank,
         wrap_model=wrap,
     )
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            ckpt, exact = load_worker_checkpoint(d, rank, world)
-        trainer.load_state_dict(ckpt)
-        if not exact:
-            trainer.reshuffle(salt=trainer.state.step)
-    elif stage > 0:
-        trainer.state.total_images = int(job["previous"]["state"]["total_images"])
-        trainer.state.flops = float(job["previous"]["state"]["flops"])
     loop = opts.loop
     if last:
         every = max(1, opts.selection.every_images // cfg.train.batch_for(r))

@@ -10,7 +10,7 @@ Every ``eval_every`` steps it scores samples of its chain by KID or FID in the f
 of the ``features`` stage's domain CNN (or Inception) and reports the score with a
 checkpoint; ASHA stops trials that score badly at a rung.
 
-Resuming: the experiment lives in ``<tune.storage>/tune-stage<s>-<r>x<r>-<key>`` (``<key>``
+Resuming: the experiment lives in ``<tune.ray.storage>/tune-stage<s>-<r>x<r>-<key>`` (``<key>``
 hashes the settings and inputs), outside DVC's outputs; running the stage again restores
 it: finished trials are kept, interrupted ones continue from their last checkpoint.
 
@@ -37,19 +37,19 @@ import torch
 
 from cfebm import io as cio
 from cfebm.checkpoint import load_checkpoint, save_checkpoint
-from cfebm.config import CFEBMConfig, ConfigError, build_dataclass
+from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig, build_dataclass
 from cfebm.data import DataError, PyramidStore
 from cfebm.features import FeatureError
-from cfebm.loop import Hooks, LoopConfig, train_stage
-from cfebm.metrics import EXTRACTORS, InceptionWeightsError, MetricsConfig
+from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
+from cfebm.metrics import InceptionWeightsError
 from cfebm.search import (
     DIVERGED_SCORE,
-    OUTCOMES,
-    TUNABLE,
     SearchSpace,
     TrialSummary,
     TuneError,
     pick_best,
+    search_result,
+    trial_summary,
     with_sampler,
 )
 from pipelines import _cli, ray_utils, tracking
@@ -78,17 +78,16 @@ class Asha:
 
 
 @dataclass
-class TuneRay:
-    address: str | None = None
-    """Ray cluster to join; null: ``RAY_ADDRESS`` if set, else start a local Ray."""
-    local_cpus: int | None = None
+class TuneRay(ray_utils.ClusterOptions):
+    """Where the search runs; ``storage`` holds its experiments (outside DVC's outputs).
+    ``keep_checkpoints`` is per trial, null (all) by default: after a kill, Tune's last
+    saved state may name an older checkpoint, which must still exist."""
+
+    storage: str = "runs/tune"
+    max_failures: int = 1
+    keep_checkpoints: int | None = None
     cpus_per_trial: float = 1.0
     """Ray CPUs of each trial; also its torch threads."""
-    max_failures: int = 1
-    """Times a failed trial is restarted from its last checkpoint."""
-    keep_checkpoints: int | None = None
-    """Checkpoints kept per trial; null: all (after a kill, Tune's last saved state may name
-    an older checkpoint, which must still exist)."""
     state_every_s: float | None = 5.0
     """Seconds between saves of Tune's experiment state (TUNE_GLOBAL_CHECKPOINT_S); null:
     Ray's default."""
@@ -96,10 +95,9 @@ class TuneRay:
     """Ray Tune's own console tables: 0 none, 1 status updates, 2 every result."""
 
     def __post_init__(self) -> None:
-        if not self.cpus_per_trial > 0 or self.max_failures < 0 or self.verbose not in (0, 1, 2):
-            raise ConfigError("tune.ray: cpus_per_trial > 0, max_failures >= 0, verbose 0-2")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ConfigError("tune.ray.keep_checkpoints must be >= 1 or null")
+        super().__post_init__()
+        if not self.cpus_per_trial > 0 or self.verbose not in (0, 1, 2):
+            raise ConfigError("tune.ray: cpus_per_trial must be > 0 and verbose 0, 1 or 2")
 
 
 @dataclass
@@ -113,23 +111,17 @@ class TuneStage:
     data: str = "data/pyramid"
     """The pyramid dataset root: training images and the score's reference."""
     data_storage_options: dict[str, Any] = field(default_factory=dict)
-    split: str = "train"
-    metric: str = "kid"
-    """The score ASHA and the choice of the best minimise: kid (reliable with few samples)
-    or fid."""
-    extractor: str = "domain"
-    """Feature space of the score: ``domain`` or ``inception-v3-compat``."""
-    features: str = "models/features.pt"
-    inception_weights: str | None = None
+    score: ScoreConfig = field(
+        default_factory=lambda: ScoreConfig(
+            "kid", num_samples=256, num_reference=512, kid_subsets=50, kid_subset_size=256
+        )
+    )
+    """The score that ASHA and the choice of the best minimise (KID: reliable with few
+    samples), of the same seeded chains in every trial (common random numbers)."""
     train_steps: int = 80
     """Training steps of a trial that is not stopped early."""
     eval_every: int = 20
     """Steps between scores (each a Tune report with a trial checkpoint)."""
-    eval_samples: int = 256
-    """Samples per score (the same seeded chains for every trial: common random numbers)."""
-    num_reference: int | None = 512
-    kid_subsets: int = 50
-    kid_subset_size: int = 256
     num_samples: int = 4
     """Trials (with grid values: repetitions of the grid), the baseline included."""
     max_concurrent_trials: int = 2
@@ -142,10 +134,6 @@ class TuneStage:
     asha: Asha = field(default_factory=Asha)
     optim: dict[str, Any] = field(default_factory=dict)
     """Overrides of ``train.optim`` for the trials."""
-    storage: str = "runs/tune"
-    """Ray Tune experiment storage: a local folder outside DVC's outputs, or s3://..."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    shared_filesystem: bool = False
     out: str = "tune/best.json"
     metrics: str = "metrics/tune.json"
     ray: TuneRay = field(default_factory=TuneRay)
@@ -154,8 +142,6 @@ class TuneStage:
     """Seconds a trial waits after each report (lets a test interrupt a trial mid-way)."""
 
     def __post_init__(self) -> None:
-        if self.metric not in ("kid", "fid") or self.extractor not in EXTRACTORS:
-            raise ConfigError(f"tune.metric must be kid or fid, tune.extractor one of {EXTRACTORS}")
         for name in ("train_steps", "eval_every", "num_samples", "max_concurrent_trials"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"tune.{name} must be >= 1, got {getattr(self, name)}")
@@ -198,9 +184,7 @@ class TrialReports(Hooks):
 
     def after_step(self, t, r, seconds) -> None:
         self.last = r
-        self._log(
-            t.state.step, {"loss": r.loss, "energy_data": r.e_data, "energy_sample": r.e_sample}
-        )
+        self._log(t.state.step, step_metrics(t, r, seconds))
 
     def event(self, name: str, info: dict) -> None:
         if name == "resumed":
@@ -265,9 +249,8 @@ def run_trial(config: dict, job: dict) -> None:
     cfebm's loop and report the score every ``eval_every`` steps."""
     import ray.tune
 
-    from cfebm.evaluate import ScoreHook, reference_images
-    from cfebm.metrics import make_extractor
-    from cfebm.trainer import Trainer, next_stage_model
+    from cfebm.evaluate import score_hook
+    from cfebm.trainer import stage_trainer
 
     p: TuneStage = job["options"]
     torch.set_num_threads(max(1, int(p.ray.cpus_per_trial)))
@@ -281,34 +264,15 @@ def run_trial(config: dict, job: dict) -> None:
         features = os.path.join(tempfile.gettempdir(), f"cfebm-features-{digest}.pt")
         if not os.path.exists(features):
             cio.write_bytes(features, job["features"])
-    extractor = make_extractor(
-        p.extractor, features=features, inception_weights=p.inception_weights
-    )
-    metrics = MetricsConfig(
-        fid=p.metric == "fid",
-        kid=True,
-        prc=False,
-        seed=p.seed,
-        kid_subsets=p.kid_subsets,
-        kid_subset_size=p.kid_subset_size,
-    )
-    reference = reference_images(store, p.split, r, p.num_reference, p.seed)
-    scorer = ScoreHook(
-        extractor,
-        reference,
-        metric=p.metric,
-        num_samples=p.eval_samples,
-        seed=p.seed,
-        metrics=metrics,
-    )
-    model = next_stage_model(job["previous"], p.stage, cfg.train.seed) if p.stage else None
-    trainer = Trainer(cfg, {r: torch.from_numpy(np.array(store.read("train", r)))}, model=model)
-    scores: list = []
+    scorer = score_hook(p.score, store, r, features=features)
+    state, scores = None, []
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            trainer.load_state_dict(load_checkpoint(os.path.join(d, TRAINER_FILE)))
+            state = load_checkpoint(os.path.join(d, TRAINER_FILE))
             scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
+    data = {r: torch.from_numpy(np.array(store.read("train", r)))}
+    trainer = stage_trainer(cfg, p.stage, data, job["previous"], state)
     reports = TrialReports(p, trial_id, dict(config), scores, scorer)
     try:
         reports.client, reports.run_id = _open_trial_run(job, trial_id, dict(config))
@@ -379,34 +343,17 @@ def param_space(space: SearchSpace) -> dict:
 def summarize(grid, p: TuneStage) -> list[TrialSummary]:
     """Every trial's outcome: completed (all train_steps), stopped_early (by ASHA or the
     time budget, after a score), diverged, error, not_run."""
-    out = []
-    for result in grid:
-        m, config = result.metrics or {}, result.config or {}
-        trial_id = os.path.basename(str(result.path)).removeprefix("trial-")
-        step, score = int(m.get("step") or 0), m.get("score")
-        if result.error is not None:
-            outcome = "error"
-        elif m.get("diverged"):
-            outcome = "diverged"
-        elif score is None:
-            outcome = "not_run"
-        else:
-            outcome = "completed" if step >= p.train_steps else "stopped_early"
-        good = (
-            outcome in ("completed", "stopped_early") and score is not None and math.isfinite(score)
+    out = [
+        trial_summary(
+            os.path.basename(str(result.path)).removeprefix("trial-"),
+            result.config or {},
+            result.metrics or {},
+            None if result.error is None else str(result.error),
+            p.train_steps,
+            p.score.metric,
         )
-        prefix = "kid_mean_" if p.metric == "kid" else "fid_"
-        out.append(
-            TrialSummary(
-                trial_id,
-                {k: config[k] for k in sorted(config) if k in TUNABLE},
-                outcome,
-                step,
-                score if good else None,
-                str(result.error).splitlines()[0][:500] if result.error is not None else None,
-                next((k for k in m if k.startswith(prefix)), None),
-            )
-        )
+        for result in grid
+    ]
     return sorted(out, key=lambda t: str(t.trial_id))
 
 
@@ -415,19 +362,16 @@ def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
     the experiment, others start a new one."""
     d = dataclasses.asdict(p)
     for key in (
-        "storage",
-        "storage_options",
-        "shared_filesystem",
         "out",
         "metrics",
         "mlflow",
         "report_delay_s",
         "data",
-        "features",
         "warm_start",
         "data_storage_options",
     ):
         d.pop(key)
+    d["score"].pop("features")
     d["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}  # threads change the numbers slightly
     blob = json.dumps(
         {"tune": d, "config": dataclasses.asdict(cfg), "inputs": inputs},
@@ -457,25 +401,17 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
     )
     if p.stage > 0:
         previous, inputs["warm_start"] = load_previous_stage(p.warm_start, cfg.model, p.stage)
-    if p.extractor == "domain":
-        if not cio.exists(p.features):
+    if p.score.extractor == "domain":
+        if not cio.exists(p.score.features):
             raise FeatureError(
-                f"tune.features {p.features} does not exist: run the features stage first"
+                f"tune.score.features {p.score.features} does not exist: run the features "
+                "stage first"
             )
-        features = cio.read_bytes(p.features)
+        features = cio.read_bytes(p.score.features)
         inputs["features"] = hashlib.sha256(features).hexdigest()
     name = f"tune-stage{p.stage}-{r}x{r}-{experiment_key(p, cfg, inputs)}"
 
-    place = ray_utils.place(
-        p.ray.address,
-        p.ray.local_cpus,
-        p.storage,
-        p.storage_options,
-        p.shared_filesystem,
-        p.data,
-        p.data_storage_options,
-        "tune.storage",
-    )
+    place = ray_utils.place(p.ray, p.data, p.data_storage_options, "tune.ray.storage")
     echo(f"tune: {place.connected}")
     storage_path, storage_fs, data_url = place.storage_path, place.storage_fs, place.data_url
     exp_path = f"{storage_path.rstrip('/')}/{name}"
@@ -569,27 +505,10 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
             )
         trials = summarize(grid, p)
         best = pick_best(trials)
-        result = {
-            "sampler": best.setting,
-            "score": best.score,
-            "metric": p.metric,
-            "metric_key": best.score_key,
-            "step": best.step,
-            "trial_id": best.trial_id,
-            "stage": p.stage,
-            "resolution": r,
-            "baseline": {k: getattr(cfg.sampler, k) for k in p.space.dimensions()},
-            "experiment": exp_path,
-            "trials": [dataclasses.asdict(t) for t in trials],
-        }
-        counts = {o: sum(t.outcome == o for t in trials) for o in OUTCOMES}
-        metrics = {
-            "best_score": best.score,
-            **{f"best_{k}": v for k, v in best.setting.items()},
-            "trials": len(trials),
-            **counts,
-            "restored": restoring,
-        }
+        baseline = {k: getattr(cfg.sampler, k) for k in p.space.dimensions()}
+        result, metrics = search_result(trials, best, baseline, p.score.metric)
+        result.update(stage=p.stage, resolution=r, experiment=exp_path)
+        metrics["restored"] = restoring
         cio.write_bytes(p.out, (json.dumps(result, indent=2) + "\n").encode())
         cio.write_bytes(p.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
         if track:

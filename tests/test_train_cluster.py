@@ -251,7 +251,11 @@ def test_a_stage_across_two_nodes_survives_losing_a_node(
     resumed = client.get_metric_history(run_id, "resumed_from_step")
     assert [m.value for m in resumed] == [metrics["resumed_from_step"]]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"model", "final", "images", "config.yaml"} <= artifacts
+    assert {"final", "images", "config.yaml"} <= artifacts
+    (logged,) = client.search_logged_models(
+        [exp.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    assert logged.name == "model"  # the MLflow model (pipelines.serving)
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     assert len([p for p in images if p.endswith(".png") and "samples" in p]) >= 2
     finals = {a.path for a in client.list_artifacts(run_id, "final")}

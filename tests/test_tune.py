@@ -41,13 +41,14 @@ def tune_params() -> dict:
         },
         "tune": {
             "data": "data/pyramid",
-            "features": "models/features.pt",
+            "score": {
+                "num_samples": 64,
+                "num_reference": 128,
+                "kid_subsets": 10,
+                "kid_subset_size": 64,
+            },
             "train_steps": TRAIN_STEPS,
             "eval_every": EVAL_EVERY,
-            "eval_samples": 64,
-            "num_reference": 128,
-            "kid_subsets": 10,
-            "kid_subset_size": 64,
             "num_samples": 1,  # one pass over the grid
             "max_concurrent_trials": 1,  # a fixed order, so that ASHA's decisions are too
             "include_baseline": False,

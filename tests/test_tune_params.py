@@ -42,7 +42,7 @@ def train() -> TrainStage:
 
 def test_defaults_are_valid_and_small():
     p = tune()
-    assert p.stage == 0 and p.metric == "kid" and p.extractor == "domain"
+    assert p.stage == 0 and p.score.metric == "kid" and p.score.extractor == "domain"
     assert p.asha.enabled and p.num_samples * p.train_steps <= 400  # minutes, not hours
     assert set(p.space.dimensions()) == {"step_size", "noise_start"}
     assert p.space.step_size.log and p.space.step_size.low < 1.0 < p.space.step_size.high
@@ -59,7 +59,7 @@ def test_defaults_are_valid_and_small():
         ({"space": {"noise_start": {"grid": True, "low": 0.1, "high": 1}}}, "grid needs values"),
         ({"stage": 1}, "tune.warm_start"),
         ({"eval_every": 50, "train_steps": 20}, "eval_every"),
-        ({"metric": "is"}, "tune.metric"),
+        ({"score": {"metric": "is"}}, r"tune\.score: metric 'is'"),
         ({"asha": {"reduction_factor": 1}}, "reduction_factor"),
         ({"ray": {"keep_checkpoints": 0}}, "keep_checkpoints"),
         ({"num_samples": "4"}, r"tune\.num_samples must be an integer, got the string"),
@@ -114,7 +114,7 @@ def test_experiment_key_follows_what_the_result_depends_on():
     inputs = {"dataset": "abc"}
     key = experiment_key(p, base, inputs)
     moved = tune(
-        {"storage": "s3://b/x", "out": "o.json", "mlflow": {"enabled": False}, "data": "x"}
+        {"ray": {"storage": "s3://b/x"}, "out": "o.json", "mlflow": {"enabled": False}, "data": "x"}
     )
     assert experiment_key(moved, base, inputs) == key  # where things are is not a result
     assert experiment_key(tune({"num_samples": 8}), base, inputs) != key
@@ -192,5 +192,11 @@ def test_cli_dry_run_and_help(tmp_path):
     bad = subprocess.run([*cmd, "--stage", "1"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "tune.warm_start" in bad.stderr
     helptext = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env).stdout
-    for option in ("--time_budget_s", "--max_concurrent_trials", "--num_samples", "--storage"):
+    for option in (
+        "--time_budget_s",
+        "--max_concurrent_trials",
+        "--num_samples",
+        "--ray.storage",
+        "--score.metric",
+    ):
         assert option in helptext

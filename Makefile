@@ -8,15 +8,30 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
+.PHONY: setup lock run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
 
-$(STAMP): pyproject.toml
+# The environment is the one CI passed with: every package pinned in requirements.lock,
+# installed by uv (several times faster than pip; pip if uv cannot be had), then this
+# project itself without dependencies. `make lock` re-resolves it (see README).
+LOCK := requirements.lock
+UV_VERSION ?= 0.13.9
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)" \
+		&& $(BIN)/python -m uv pip install -q --python $(BIN)/python -r $(LOCK) \
+		|| $(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 setup: $(STAMP)
+
+# Re-resolve the dependencies of pyproject.toml (newest releases) into a fresh .venv and
+# pin what was installed; then `make test`, and commit requirements.lock if it passes.
+lock:
+	rm -rf $(VENV) && $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^uv==" > $(LOCK)
+	touch $(STAMP)
 
 # `make run PRESET=cifar10 DATA=cifar-10-python.tar.gz` runs a preset of presets/ on your data.
 PRESET ?=

@@ -91,6 +91,19 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_csv(url: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``rows`` as a CSV file with a header (``columns``: default, every key in order of
+    appearance); missing values are empty."""
+    import csv
+
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(url, buf.getvalue().encode())
+
+
 def makedirs(url: str) -> None:
     fs, path = fs_and_path(url)
     fs.makedirs(path, exist_ok=True)

@@ -213,6 +213,8 @@ class _StageRun:
             self.last = result
             if t.state.step - self.start_step == cfg.warmup_steps:
                 self.steady_from = (time.monotonic(), t.state.stage_images)
+            row = {"stage": t.state.stage, "step": t.state.step}
+            t.history["steps"].append({**row, **step_metrics(t, result, seconds, t.world_size)})
             self.hooks.after_step(t, result, seconds)
             self.steady_until = (time.monotonic(), t.state.stage_images)
             self.progress()
@@ -245,6 +247,8 @@ class _StageRun:
         if not values:
             return
         self.hooks.event("evaluated", {"step": t.state.step, **values})
+        row = {"stage": t.state.stage, "step": t.state.step, "stage_images": t.state.stage_images}
+        t.history["evaluations"].append({**row, **values})
         score = values.get("score")
         keep = self.cfg.keep_best and score is not None and math.isfinite(score)
         if keep and t.remember_best(score):
@@ -415,14 +419,10 @@ def step_metrics(trainer: Trainer, r: StepResult, seconds: float, world: int = 1
 class FileCheckpoints(Hooks):
     """Checkpoints of an in-process run to one file (any fsspec URL), tagged with ``key``
     (what the run depends on), so that :func:`resume_from_file` continues only the same
-    run; progress lines to ``log``; the training curve kept in ``curve``."""
+    run; progress lines to ``log``."""
 
     def __init__(self, url: str, key: str, log=print):
         self.url, self.key, self.log = url, key, log
-        self.curve: list[tuple[int, dict]] = []
-
-    def after_step(self, trainer, r, seconds) -> None:
-        self.curve.append((len(self.curve), step_metrics(trainer, r, seconds)))
 
     def checkpoint(self, trainer, info) -> None:
         from .checkpoint import save_checkpoint

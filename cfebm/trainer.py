@@ -223,6 +223,9 @@ class Trainer:
         self.model.to(self.device).train()
         self.state = TrainState(stage=self.model.stage)
         self.best: dict | None = None
+        self.history: dict[str, list[dict]] = {"steps": [], "evaluations": []}
+        """The curves of this trainer's run (:func:`cfebm.loop.train_stage` appends a row
+        per step and per evaluation); checkpointed, so that a resumed run's are whole."""
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(
             cfg.train.seed * 104729 + rank
@@ -409,6 +412,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": asdict(self.state),
             "best": copy.deepcopy(self.best),
+            "history": copy.deepcopy(self.history),
             "batches": self.batches.state_dict(),
             "source_batches": self.source_batches.state_dict() if self.source_batches else None,
             "replay": None if self.replay is None else self.replay.clone(),
@@ -429,6 +433,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.best = copy.deepcopy(ckpt.get("best"))
+        self.history = copy.deepcopy(ckpt.get("history") or {"steps": [], "evaluations": []})
         self.batches.load_state_dict(ckpt["batches"])
         if self.source_batches is not None and ckpt.get("source_batches"):
             self.source_batches.load_state_dict(ckpt["source_batches"])

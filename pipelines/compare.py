@@ -22,8 +22,6 @@ from cfebm.config import ConfigError
 from pipelines import _cli, tracking
 
 STAGE_METRIC = re.compile(r"^stage_(\d+)/(fid|kid_mean)_(.+)$")
-PER_STAGE_KEYS = {"stage", "ray_run"}
-"""Parameters of a training stage run that differ from stage to stage by construction."""
 
 
 @dataclass
@@ -80,7 +78,8 @@ def summarize(parent, children: list) -> PipelineSummary:
         name = f"train@{stage}" if kind == "train" else kind
         if name not in s.stages:
             s.stages.append(name)
-        s.params.update({k: v for k, v in r.data.params.items() if k not in PER_STAGE_KEYS})
+        shared = {k: v for k, v in r.data.params.items() if k not in tracking.PER_STAGE_PARAMS}
+        s.params.update(shared)
         if kind == "train" and "stage_seconds" in r.data.metrics:
             seconds[stage] = r.data.metrics["stage_seconds"]
         if kind == "tune" and "best_score" in r.data.metrics:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cfebm import io as cio
 from cfebm.data import PyramidStore, to_unit_range
 from cfebm.evaluate import check_data
 from cfebm.images import grid_png
@@ -27,6 +28,7 @@ from cfebm.ood import (
     energy_histogram_png,
     energy_scores,
     match_images,
+    roc_curve,
     roc_plot_png,
 )
 from cfebm.sampling import to_uint8
@@ -48,6 +50,8 @@ class OODStage(OODConfig, models.Runtime):
     """Stage whose energy scores; null: the model's finest."""
     metrics: str = "metrics/ood.json"
     images: str = "outputs/ood"
+    plots: str = "plots/ood"
+    """DVC plots: the ROC curve of each set, ``<plots>/<set>.csv`` (fpr, tpr)."""
     """Folder of roc.png, energy_hist.png and sets.png."""
     grid_images: int = 16
     """Images of each set in sets.png."""
@@ -96,6 +100,10 @@ def run(p: OODStage, log=print) -> dict:
         "sets.png": grid_png(to_uint8(shown).numpy(), nrow=p.grid_images, scale=max(1, 64 // r)),
     }
     _cli.write_results(p.metrics, metrics, p.images, pngs)
+    for name, s in scores_out.items():
+        fpr, tpr = roc_curve(scores_in, s)
+        rows = [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)]
+        cio.write_csv(cio.join(p.plots, f"{name}.csv"), rows, ["fpr", "tpr"])
     roc = {"in": scores_in.tolist(), **{k: v.tolist() for k, v in scores_out.items()}}
     if tracking.log_stage(
         p.mlflow, "ood", {"ood": _cli.public(p)}, metrics, pngs, {"scores.json": json.dumps(roc)}

@@ -10,6 +10,10 @@ sets the parent's status and end time (FAILED once any stage failed) without eve
 a finished run back to running. ``CFEBM_MLFLOW_PARENT_RUN_ID`` nests the stages under a run
 that an orchestrator owns (and ends) itself.
 
+The parent run also gathers its stages' parameters (named as in params.yaml) and final
+results (``<stage run>/<metric>``, e.g. ``evaluate/stage_1/fid_cfebm-digits-cnn``), so
+that comparing two pipeline runs in MLflow's UI shows what changed and what it gave.
+
 A stage killed mid-run leaves its run RUNNING; the next attempt of the same stage (same
 ``cfebm.stage_key``) continues that run, under its parent, and so does the rest of that
 invocation's pipeline. Stores: a relative local store (``sqlite:///mlflow.db``, the
@@ -36,6 +40,8 @@ PIPELINE_ENV = "CFEBM_PIPELINE_ID"
 PIPELINE_TAG = "cfebm.pipeline"
 STAGE_KEY_TAG = "cfebm.stage_key"
 KIND_TAG = "cfebm.kind"
+PER_STAGE_PARAMS = {"stage", "ray_run", "variant"}
+"""Parameters that differ between the stages of one pipeline run by construction."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Tags MLflow's UI reads to open the experiment on its training runs."""
 
@@ -164,6 +170,7 @@ class Tracking:
         self.key = invocation_key()
         self.parent: str | None = None
         self.run_id: str | None = None
+        self.name = ""
         self._monitor = None
 
     def _find(self, tag: str, value: str, status: str | None = None):
@@ -196,6 +203,7 @@ class Tracking:
     def start(self, name: str, key: str, params: Mapping[str, Any], tags: Mapping) -> bool:
         """Open the stage's nested run (``name``; ``key`` identifies the stage's work, so a
         killed attempt is continued); True if a killed run was continued."""
+        self.name = name
         killed = self._find(STAGE_KEY_TAG, key, "RUNNING")
         if killed is not None and not self.external_parent:
             self.run_id = killed.info.run_id
@@ -228,16 +236,33 @@ class Tracking:
         return continued
 
     def params(self, params: Mapping[str, Any]) -> None:
+        """The stage's settings on its run, and those that every stage of a pipeline run
+        shares (not the per-stage ones) on the parent run."""
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(redact(dict(params))).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        flat = {k: str(v)[:6000] for k, v in flatten(redact(dict(params))).items()}
+        shared = [Param(k, v) for k, v in flat.items() if k not in PER_STAGE_PARAMS]
+        for run_id, items in ((self.run_id, [Param(k, v) for k, v in flat.items()]),
+                              (self.parent, shared)):  # fmt: skip
+            for i in range(0, len(items) if run_id else 0, 100):
+                try:
+                    self.client.log_batch(run_id, params=items[i : i + 100])
+                except MlflowException:  # the parent has it from a run with other settings
+                    if run_id == self.run_id:
+                        raise
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End the stage's run and bring the pipeline run's status and end time up to date."""
+    def end(self, status: str = "FINISHED", results: Mapping | None = None) -> None:
+        """End the stage's run (``results``: its final metrics, also logged to the parent
+        run as ``<stage run>/<key>``) and bring the pipeline run's status and end time up
+        to date."""
         if self._monitor is not None:
             self._monitor.finish()
+        if results and self.parent:
+            values = flat_metrics(results)
+            log_metrics(
+                self.client, self.parent, 0, {f"{self.name}/{k}": v for k, v in values.items()}
+            )
         flush()
         self.client.set_terminated(self.run_id, status)
         if self.parent and not self.external_parent:
@@ -321,5 +346,5 @@ def log_stage(
     t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
     for file, text in texts.items():
         t.client.log_text(t.run_id, text, f"{name}/{file}")
-    t.end()
+    t.end(results=metrics)
     return t.run_id

@@ -16,7 +16,8 @@ from the latest checkpoint (``train.ray.max_failures`` times), and running the s
 after a crash continues it: same images seen, same beta, same MLflow run.
 
 Outputs (DVC): ``<out>/stage<s>/model.pt`` (every stage's network, config and counters),
-``samples.png``, ``chain.png``; ``<metrics>/train-stage<s>.json``.
+``run.json``; ``<metrics>/train-stage<s>.json``; the plots under ``<plots>`` (curves per
+step, scores, sample grid and chain: ``dvc plots show``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ from cfebm.config import (
 from cfebm.data import DataError, PyramidStore, worker_images
 from cfebm.features import FeatureError
 from cfebm.images import make_grid, stage_pictures
-from cfebm.loop import Hooks, InjectDivergence, LoopConfig, step_metrics, train_stage
+from cfebm.loop import (
+    Hooks,
+    InjectDivergence,
+    LoopConfig,
+    step_metrics,
+    train_stage,
+)
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
 from cfebm.trainer import (
@@ -64,7 +71,7 @@ from cfebm.trainer import (
     stage_metrics,
     stage_trainer,
 )
-from pipelines import _cli, ray_utils, serving, tracking
+from pipelines import _cli, ray_utils, tracking
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -133,9 +140,13 @@ class TrainStage:
     """The pyramid dataset root (local or any fsspec URL)."""
     data_storage_options: dict[str, Any] = field(default_factory=dict)
     out: str = "models"
-    """Stage outputs: ``<out>/stage<s>/model.pt``, ``samples.png``, ``chain.png``."""
+    """Stage outputs: ``<out>/stage<s>/model.pt`` and ``run.json`` (how the run went)."""
     metrics: str = "metrics"
     """DVC metrics: ``<metrics>/train-stage<s>.json``."""
+    plots: str = "plots"
+    """DVC plots: ``<plots>/{train,beta,speed}/stage<s>.csv`` (per step: loss and
+    energies, beta, images/s), ``<plots>/scores/stage<s>.csv`` (the selection's scores,
+    the last stage only), ``<plots>/images/stage<s>/{samples,chain}.png``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     sampler_from_tune: str | None = None
@@ -285,6 +296,7 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
         metrics = write_outputs(opts, stage, model_file(ckpt, cfg), summary, track)
+        write_plots(opts.plots, stage, ckpt.get("history") or {})
         info = {  # how this run went (the metrics file holds results only)
             "status": summary.get("status"),
             "resumed_from_step": summary.get("resumed_from_step"),
@@ -307,6 +319,8 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
                 source = PyramidStore(opts.data, opts.data_storage_options).manifest.get("source")
                 name = f"cfebm-{(source or {}).get('source', 'data')}"
             tracking.flush()
+            from pipelines import serving  # (mlflow's model flavours: only where used)
+
             uri = serving.log_model(
                 track.run_id, track.uri, opts.model_path(stage), name if last and name else None
             )
@@ -318,19 +332,37 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
             track.end("FAILED")
         raise
     if track:
-        track.end("FINISHED")
+        track.end("FINISHED", results=metrics)
     return metrics
 
 
+PLOTS = {
+    "train": ("loss", "energy_data", "energy_sample"),
+    "beta": ("beta",),
+    "speed": ("images_per_s",),
+}
+"""DVC plots of a stage's steps: ``<plots>/<name>/stage<s>.csv`` holds step and these."""
+
+
+def write_plots(folder: str, stage: int, history: dict) -> None:
+    """The stage's curves as DVC plots (:data:`PLOTS`), and its scores (the last stage's
+    selection; a header only otherwise) as ``<folder>/scores/stage<s>.csv``."""
+    steps, scores = history.get("steps", []), history.get("evaluations", [])
+    for name, columns in PLOTS.items():
+        cio.write_csv(f"{folder}/{name}/stage{stage}.csv", steps, ["step", *columns])
+    columns = ["step", "stage_images", "score", *(scores[-1] if scores else {})]
+    cio.write_csv(f"{folder}/scores/stage{stage}.csv", scores, list(dict.fromkeys(columns)))
+
+
 def write_outputs(opts: TrainStage, stage: int, model_ckpt: dict, summary: dict, track) -> dict:
-    """model.pt, samples.png, chain.png (also logged to MLflow) and the stage's metrics."""
+    """model.pt, samples.png and chain.png (image plots; also logged to MLflow) and the
+    stage's metrics."""
     model = model_from_checkpoint(model_ckpt)
-    out = opts.stage_dir(stage)
-    model_path = os.path.join(out, "model.pt")
+    model_path = opts.model_path(stage)
     save_checkpoint(model_ckpt, model_path)
     pngs = stage_pictures(model, opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
     for name, png in pngs.items():
-        cio.write_bytes(os.path.join(out, name), png)
+        cio.write_bytes(f"{opts.plots}/images/stage{stage}/{name}", png)
     metrics, step = stage_metrics(model_ckpt, summary), model_ckpt["state"]["step"]
     cio.write_bytes(
         os.path.join(opts.metrics, f"train-stage{stage}.json"), _cli.json_bytes(metrics)

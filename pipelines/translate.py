@@ -14,6 +14,7 @@ logs them to MLflow. By default the built-in ``shapes`` scenes, domain a (red-is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -170,7 +171,8 @@ def run(p: TranslateStage, log=print) -> dict:
             p.fidelity, to_uint8(y).cpu().numpy(), to_uint8(xt).cpu().numpy(), device, log
         )
     )
-    metrics.update(train_seconds=round(seconds, 1), train_steps=len(hooks.curve))
+    curve = [(row.pop("step"), row) for row in copy.deepcopy(trainer.history["steps"])]
+    metrics["train_steps"] = len(curve)
     log(
         "translate: "
         + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
@@ -187,8 +189,9 @@ def run(p: TranslateStage, log=print) -> dict:
         ),
     }
     _cli.write_results(p.metrics, metrics, p.images, pngs)
+    logged = {**metrics, "train_seconds": round(seconds, 1)}  # timings: MLflow, not DVC
     if tracking.log_stage(
-        p.mlflow, "translate", {"translate": _cli.public(p)}, metrics, pngs, curve=hooks.curve
+        p.mlflow, "translate", {"translate": _cli.public(p)}, logged, pngs, curve=curve
     ):
         log("translate: logged to MLflow")
     return metrics

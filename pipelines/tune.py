@@ -518,7 +518,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
             track.end("FAILED")
         raise
     if track:
-        track.end("FINISHED")
+        track.end("FINISHED", results=metrics)
     for t in sorted(trials, key=lambda t: (t.score is None, t.score or 0.0)):
         setting = ", ".join(f"{k} {v:.4g}" for k, v in t.setting.items())
         score = f"{t.score:.4g}" if t.score is not None else "-"

@@ -1,21 +1,35 @@
-"""End to end: ``dvc repro`` of the smoke pipeline (prepare, pyramid, train@0, train@1) on
-a local Ray, killed in the middle of train@1 and run again.
+"""End to end on one project: ``dvc repro`` of the smoke pipeline (prepare, pyramid, train@0,
+train@1) on a local Ray, killed in the middle of train@1 and run again; then what users do
+with the result: DVC plots, the registered MLflow model served over HTTP, and a DVC
+experiment with a changed parameter.
 
-Checks that the second ``dvc repro`` skips what is done and resumes train@1 from its last
-checkpoint (kept in runs/, outside the outputs that DVC deletes), that an injected
-divergence in each stage is rolled back and recovered, that MLflow (the embedded sqlite
-store) holds one pipeline run with a nested run per stage, continued across the kill,
-and that the final model samples through ``pipelines.sample``.
+The module fixture runs the pipeline once; each test checks one capability on it.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 
+import numpy as np
 import pytest
-from train_fixtures import kill_group, make_project, ray_tmpdir, run, smoke_params, start, wait_for
+from train_fixtures import (
+    BIN,
+    TRAINING_STAGES,
+    free_port,
+    kill_group,
+    make_project,
+    ray_tmpdir,
+    run,
+    smoke_params,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +53,16 @@ def registered_steps(root) -> list[int]:
     return steps
 
 
-def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """(project root, output of the second repro, the step of the last checkpoint before
+    the kill)."""
+    tmp = tmp_path_factory.mktemp("dvc")
     # tests/params_smoke.yaml: train@0 60 steps, train@1 90 steps of 32 images
     params = smoke_params(debug={"inject_divergence_at_step": INJECT_AT})  # a NaN step each
-    root = make_project(tmp_path / "proj", params)
+    root = make_project(tmp / "proj", params, stages=(*TRAINING_STAGES, "features", "evaluate"))
     renv = {"RAY_TMPDIR": ray_tmpdir()}
-    log = str(tmp_path / "first.log")
-    first = start(["dvc", "repro", "train@1"], root, log, **renv)
+    first = start(["dvc", "repro", "train@1"], root, str(tmp / "first.log"), **renv)
     try:
         wait_for(
             lambda: [s for s in registered_steps(root) if s >= 2 * INJECT_AT],
@@ -58,9 +75,12 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
     assert os.path.exists(f"{root}/models/stage0/model.pt")
     assert not os.path.exists(f"{root}/metrics/train-stage1.json")
     killed_at = max(registered_steps(root))
+    second = run(["dvc", "repro"], root, timeout=400, **renv)  # and features, evaluate
+    return root, second.stdout + second.stderr, killed_at
 
-    second = run(["dvc", "repro", "train@1"], root, timeout=400, **renv)
-    out = second.stdout + second.stderr
+
+def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(killed_and_resumed):
+    root, out, killed_at = killed_and_resumed
     assert "Running stage 'train@0'" not in out and "Running stage 'train@1'" in out
 
     m0, m1 = (
@@ -83,12 +103,13 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
     (parent,) = client.search_runs([exp.experiment_id], "tags.`cfebm.kind` = 'pipeline'")
     stages = client.search_runs([exp.experiment_id], "tags.`cfebm.kind` = 'stage'")
     assert parent.info.status == "FINISHED"
-    # Only the data and training stages run here (train_fixtures.training_pipeline): one
-    # nested run per training stage, the killed one continued rather than duplicated.
-    assert sorted(r.data.tags["cfebm.stage"] for r in stages) == ["0", "1"]
+    # One nested run per training and evaluate stage (the data and features stages log
+    # none), the killed one continued rather than duplicated.
+    assert sorted(r.data.tags["cfebm.stage"] for r in stages) == ["0", "1", "evaluate", "evaluate"]
     for r in stages:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.status == "FINISHED"
+    for r in (r for r in stages if r.data.tags["cfebm.stage"] != "evaluate"):
         assert [m.value for m in client.get_metric_history(r.info.run_id, "rollbacks")] == [1]
     (s1,) = (r for r in stages if r.data.tags["cfebm.stage"] == "1")
     resumed = client.get_metric_history(s1.info.run_id, "resumed_from_step")
@@ -100,3 +121,169 @@ def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(tmp_path):
          "--num", "8", "--out", "s.png"], root)  # fmt: skip
     assert os.path.getsize(f"{root}/s.png") > 0
     assert "up to date" in run(["dvc", "status"], root).stdout
+
+
+def test_plots_are_whole_across_the_kill_and_dvc_renders_them(killed_and_resumed):
+    root, _, _ = killed_and_resumed
+    with open(f"{root}/plots/train/stage1.csv") as f:
+        rows = list(csv.DictReader(f))
+    # One row per step of the stage, the steps before the kill included and none twice:
+    # the curve is checkpointed with the trainer, so the rows the killed attempt made
+    # after its last checkpoint were replaced by the resumed attempt's.
+    assert [int(r["step"]) for r in rows] == list(range(1, 91))
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    with open(f"{root}/plots/beta/stage1.csv") as f:
+        beta = [float(r["beta"]) for r in csv.DictReader(f)]
+    assert beta[0] < 0.1 and beta[-1] == 1.0  # faded in over 960 of the images
+
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], root).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    data = shown["data"]
+    for s in (0, 1):
+        assert data[f"plots/train/stage{s}.csv"][0]["type"] == "vega"
+        for picture in ("samples", "chain"):
+            assert data[f"plots/images/stage{s}/{picture}.png"][0]["type"] == "image"
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_the_registered_model_serves_energies(killed_and_resumed, tmp_path):
+    from cfebm.data import PyramidStore
+
+    root, _, _ = killed_and_resumed
+    port = free_port()
+    cmd = [os.path.join(BIN, "mlflow"), "models", "serve", "-m", "models:/cfebm-digits@latest",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    server = start(cmd, str(tmp_path), str(tmp_path / "serve.log"),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 180, "mlflow models serve", interval=0.5, proc=server)
+        digits = np.asarray(PyramidStore(f"{root}/data/pyramid").read("test", 8)[:64])
+        noise = np.random.default_rng(0).integers(0, 256, digits.shape, dtype=np.uint8)
+        energies = {}
+        for name, x in (("digits", digits), ("noise", noise)):
+            status, body = _post(f"{url}/invocations", {"inputs": x.astype(np.uint8).tolist()})
+            assert status == 200, body
+            energies[name] = np.asarray(body["predictions"], dtype=np.float64)
+            assert energies[name].shape == (len(x),) and np.isfinite(energies[name]).all()
+        # lower energy = more likely: the data scores below uniform noise
+        assert np.median(energies["noise"]) > np.percentile(energies["digits"], 90)
+        for bad in (digits[:, :, :4, :4], digits.astype(np.float32) / 255):
+            status, body = _post(f"{url}/invocations", {"inputs": bad.tolist()})
+            assert 400 <= status < 500 and body.get("message"), (status, body)
+    finally:
+        kill_group(server)
+
+
+@pytest.fixture(scope="module")
+def experiment(killed_and_resumed) -> str:
+    """The name of a DVC experiment run in a temporary copy with one parameter changed."""
+    root, _, _ = killed_and_resumed
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "smoke pipeline"], root)
+    name = "step-half"
+    run(["dvc", "exp", "run", "--temp", "-n", name, "-S", "train.sampler.step_size=0.5"],
+        root, timeout=600, RAY_TMPDIR=ray_tmpdir())  # fmt: skip
+    return name
+
+
+def test_dvc_exp_run_temp_logs_to_the_project_store(killed_and_resumed, experiment):
+    from mlflow import MlflowClient
+
+    root, _, _ = killed_and_resumed
+    name = experiment
+    shown = run(["dvc", "exp", "show", "--csv"], root).stdout
+    header, *rows = list(csv.reader(shown.splitlines()))
+    (row,) = (r for r in rows if name in r)
+    step_size = header.index("train.sampler.step_size")
+    assert float(row[step_size]) == 0.5
+    assert row[header.index("metrics/train-stage1.json:step")] == "90"
+
+    # The temporary copy's stages logged to the project's store, named by the experiment.
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("cfebm")
+    runs = client.search_runs([exp.experiment_id], f"tags.`cfebm.dvc_experiment` = '{name}'")
+    kinds = sorted(r.data.tags["cfebm.kind"] for r in runs)
+    assert kinds == ["pipeline"] + ["stage"] * 4, kinds  # train@0, train@1, evaluate@0, @1
+    for r in runs:
+        if r.data.tags["cfebm.kind"] == "stage":
+            assert r.data.params["train.sampler.step_size"] == "0.5"
+            assert r.info.status == "FINISHED"
+    assert not glob.glob(f"{root}/.dvc/tmp/exps/**/mlflow.db", recursive=True)
+
+
+def _rendered(url: str, tmp_path, wait_ms: int = 20000) -> str:
+    """The DOM of ``url`` after headless Chromium ran its scripts (Debian's chromium)."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is not installed: `make test` installs Debian's package"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'chromium'}", f"--virtual-time-budget={wait_ms}",
+           "--window-size=1600,1200", "--dump-dom", url]  # fmt: skip
+    return run(cmd, str(tmp_path), timeout=120).stdout
+
+
+def test_the_mlflow_ui_lists_the_runs_and_compares_two_pipelines(
+    killed_and_resumed, experiment, tmp_path
+):
+    from mlflow import MlflowClient
+
+    root, _, _ = killed_and_resumed
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("cfebm")
+    parents = client.search_runs([exp.experiment_id], "tags.`cfebm.kind` = 'pipeline'")
+    assert len(parents) == 2  # the repro, and the experiment
+    port = free_port()
+    ui = start([os.path.join(BIN, "mlflow"), "ui", "--backend-store-uri",
+                f"sqlite:///{root}/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "1"], root, str(tmp_path / "ui.log"))  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 120, "mlflow ui", interval=0.5, proc=ui)
+        # The experiment opens on its training runs (not on the GenAI traces overview).
+        page = _rendered(f"{url}/#/experiments/{exp.experiment_id}/runs", tmp_path)
+        for p in parents:
+            assert p.info.run_name in page
+        flat = _rendered(
+            f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter="
+            + urllib.parse.quote("tags.`cfebm.kind` = 'stage'"),
+            tmp_path,
+        )
+        assert "stage0-4x4" in flat and "stage1-8x8" in flat
+        ids = json.dumps([p.info.run_id for p in parents])
+        compare = _rendered(
+            f"{url}/#/compare-runs?runs={urllib.parse.quote(ids)}"
+            f"&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}",
+            tmp_path,
+        )
+        assert "train.sampler.step_size" in compare
+        assert "evaluate/stage_1/fid_cfebm-digits-cnn" in compare
+    finally:
+        kill_group(ui)

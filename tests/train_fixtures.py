@@ -50,21 +50,22 @@ def smoke_params(**train_changes) -> dict:
 TRAINING_STAGES = ("prepare", "pyramid", "train")
 
 
-def training_pipeline() -> dict:
-    """The repository's dvc.yaml reduced to the data and training stages (the training
-    stages' dependency on the tune stage's output dropped, so tune does not run first)."""
+def training_pipeline(names=TRAINING_STAGES) -> dict:
+    """The repository's dvc.yaml reduced to the stages ``names`` (default: the data and
+    training stages)."""
     with open(os.path.join(REPO, "dvc.yaml")) as f:
         dvc = yaml.safe_load(f)
-    stages = {k: v for k, v in dvc["stages"].items() if k in TRAINING_STAGES}
+    stages = {k: v for k, v in dvc["stages"].items() if k in names}
     train = stages["train"]["do"]
     train["deps"] = [d for d in train["deps"] if "${tune." not in d and "tune_" not in d]
     train["params"] = [p for p in train["params"] if "tune" not in p]
     return {**dvc, "stages": stages}
 
 
-def make_project(root, params: dict, git: bool = True) -> str:
-    """A copy of the project's code and its data and training stages in ``root``, with
-    ``params``; with ``git`` also a git + DVC repository, as a user's checkout is."""
+def make_project(root, params: dict, git: bool = True, stages=TRAINING_STAGES) -> str:
+    """A copy of the project's code and its ``stages`` (default: the data and training
+    stages) in ``root``, with ``params``; with ``git`` also a git + DVC repository, as a
+    user's checkout is."""
     root = str(root)
     os.makedirs(root, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
@@ -74,7 +75,7 @@ def make_project(root, params: dict, git: bool = True) -> str:
     shutil.copy(os.path.join(REPO, "tune", "untuned.json"), os.path.join(root, "tune"))
     shutil.copy(os.path.join(REPO, ".gitignore"), os.path.join(root, ".gitignore"))
     with open(os.path.join(root, "dvc.yaml"), "w") as f:
-        yaml.safe_dump(training_pipeline(), f, sort_keys=False)
+        yaml.safe_dump(training_pipeline(stages), f, sort_keys=False)
     with open(os.path.join(root, "params.yaml"), "w") as f:
         yaml.safe_dump(params, f, sort_keys=False)
     if git:

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup lock run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
+.PHONY: setup lock browser readme-images run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
 
 # The environment is the one CI passed with: every package pinned in requirements.lock,
 # installed by uv (several times faster than pip; pip if uv cannot be had), then this
@@ -38,6 +38,14 @@ PRESET ?=
 DATA ?=
 run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.run $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))
+
+# The README's pictures (docs/images/) from the last `make run`: the finest stage's
+# samples and coarse-to-fine chain, as the train stage wrote them.
+readme-images:
+	@last=$$(ls -d plots/images/stage* 2>/dev/null | sort -V | tail -1); \
+	test -n "$$last" || { echo "no plots/images/stage*: run make run first" >&2; exit 1; }; \
+	mkdir -p docs/images && cp "$$last/samples.png" "$$last/chain.png" docs/images/ && \
+	echo "docs/images/{samples,chain}.png from $$last"
 
 # The Ray Tune search of the Langevin sampler (its result: tune/best.json).
 tune: $(STAMP)
@@ -69,7 +77,12 @@ COMPARE_ARGS ?=
 compare: $(STAMP)
 	$(BIN)/python -m pipelines.compare $(COMPARE_ARGS)
 
-test: $(STAMP)
+# The MLflow UI test drives Debian's headless Chromium (no browser download).
+browser:
+	command -v chromium >/dev/null || { apt-get install -y -q --no-install-recommends chromium \
+		|| { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; }
+
+test: $(STAMP) browser
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -23,9 +23,26 @@ def is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
 
 
-def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it."""
-    return url_to_fs(str(url))
+S3_DEFAULTS = {
+    "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}},
+}
+"""botocore settings of s3fs unless ``storage_options`` give their own (with s3fs's own
+retries lowered to 2): a wrong or unreachable endpoint fails within seconds instead of
+retrying for a quarter of a minute."""
+
+
+def fs_and_path(
+    url: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` (with ``storage_options``) and the path in it."""
+    options = dict(storage_options or {})
+    s3 = str(url).startswith(("s3://", "s3a://"))
+    if s3:
+        options = {**S3_DEFAULTS, **options}
+    fs, path = url_to_fs(str(url), **options)
+    if s3 and "config_kwargs" not in (storage_options or {}):
+        fs.retries = 2  # s3fs's retry loop around botocore's (5 by default)
+    return fs, path
 
 
 def join(url: str, *parts: str) -> str:

@@ -117,6 +117,10 @@ class StageSummary:
     flops: float
     best_score: float | None
     last: dict | None
+    timings: dict[str, float]
+    """Seconds of this attempt spent in the Langevin chains (``sampling``), in the rest of
+    the steps (``loss``: energies, gradients, optimiser), in ``evaluate`` and in
+    ``checkpoint`` (the hooks' work included)."""
 
 
 class _Dispatch(Hooks):
@@ -183,6 +187,7 @@ class _StageRun:
         self.last: StepResult | None = None
         self.error: str | None = None
         self.t0 = self.last_line = time.monotonic()
+        self.timings = dict.fromkeys(("sampling", "loss", "evaluate", "checkpoint"), 0.0)
         self.steady_from = (self.t0, trainer.state.stage_images) if cfg.warmup_steps == 0 else None
         self.steady_until = self.steady_from
 
@@ -211,6 +216,8 @@ class _StageRun:
                 continue
             steps += 1
             self.last = result
+            self.timings["sampling"] += result.sample_seconds
+            self.timings["loss"] += seconds - result.sample_seconds
             if t.state.step - self.start_step == cfg.warmup_steps:
                 self.steady_from = (time.monotonic(), t.state.stage_images)
             row = {"stage": t.state.stage, "step": t.state.step}
@@ -243,7 +250,9 @@ class _StageRun:
     def evaluate(self) -> None:
         t = self.t
         self.last_evaluation = t.state.step
+        start = time.monotonic()
         values = self.hooks.evaluate(t)
+        self.timings["evaluate"] += time.monotonic() - start
         if not values:
             return
         self.hooks.event("evaluated", {"step": t.state.step, **values})
@@ -270,8 +279,10 @@ class _StageRun:
             "rollbacks": t.state.rollbacks,
             **({"loss": r.loss, "energy_data": r.e_data, "energy_sample": r.e_sample} if r else {}),
         }
+        start = time.monotonic()
         self.hooks.checkpoint(t, info)
         self.good = _snapshot(t)
+        self.timings["checkpoint"] += time.monotonic() - start
         self.last_checkpoint = t.state.step
         return True
 
@@ -351,6 +362,7 @@ class _StageRun:
             flops=t.state.flops,
             best_score=None if t.best is None else t.best["score"],
             last=asdict(self.last) if self.last is not None else None,
+            timings={k: round(v, 3) for k, v in self.timings.items()},
         )
 
 

@@ -26,6 +26,7 @@ _SECRET_QUERY = re.compile(
     re.IGNORECASE,
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def is_secret_key(name: str) -> bool:
@@ -52,6 +53,42 @@ def redact_url(url: str) -> str:
             [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*"
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line, an error message) with every URL in it redacted."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+
+
+def public_env(environ: dict[str, str], prefixes: tuple[str, ...], names=()) -> dict[str, str]:
+    """The variables of ``environ`` that start with ``prefixes`` (or are in ``names``),
+    without those that hold a credential (``AWS_SECRET_ACCESS_KEY``, ``..._TOKEN``, ...):
+    what may be handed to jobs and workers, whose settings Ray records. Credentials reach
+    them through the nodes' own environment (instance roles, secrets mounted as
+    variables)."""
+    return {
+        k: redact_url(v)
+        for k, v in environ.items()
+        if (k.startswith(prefixes) or k in names) and not is_secret_key(k)
+    }
+
+
+def secret_keys(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of ``value`` whose values :func:`redact` would hide."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if is_secret_key(k) and v not in (None, "", {}):
+                found.append(key)
+            else:
+                found += secret_keys(v, key)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found += secret_keys(v, f"{prefix}[{i}]")
+    elif isinstance(value, str) and redact_url(value) != value:
+        found.append(prefix)
+    return found
 
 
 def redact(value: Any) -> Any:

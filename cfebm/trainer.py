@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -48,6 +49,8 @@ class StepResult:
     grad_norm: float
     images: int
     diverged: str | None = None
+    sample_seconds: float = 0.0
+    """Of the step's time, what drawing the negatives (the Langevin chains) took."""
 
 
 @dataclass
@@ -356,10 +359,13 @@ class Trainer:
         """One contrastive step on ``batch`` (default: the next one) at the current stage."""
         images = self.next_batch() if batch is None else batch
         x = prepare_batch(images, self.cfg.train, self.data_gen).to(self.device)
+        t0 = time.perf_counter()
         x_sample = self.negatives(x.shape[0])
+        sample_seconds = time.perf_counter() - t0
         result = contrastive_step(
             self.train_model, self.optimizer, x, x_sample, self.cfg.train, self.beta
         )
+        result.sample_seconds = sample_seconds
         self.state.flops += self._loss_flops * 2 * x.shape[0] * self.world_size
         if result.diverged is None:
             seen = result.images * self.world_size

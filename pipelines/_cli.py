@@ -26,7 +26,7 @@ import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from cfebm.config import ConfigError, build_dataclass, check_types
-from cfebm.redact import redact
+from cfebm.redact import redact, redact_text, secret_keys
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -105,6 +105,13 @@ def parse(
     known, _ = pre.parse_known_args(argv)
     data = load_section(known.params, section)
     check_types(cls, data, section)
+    for key in secret_keys(data, section):
+        print(
+            f"warning: {key} in {known.params or PARAMS} holds a credential, which git and "
+            "dvc.lock would record: set it in the environment instead (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, ...). It stays out of every log, run and file cfebm writes.",
+            file=sys.stderr,
+        )
 
     parser = ArgumentParser(
         prog=prog or f"python -m pipelines.{section}",
@@ -159,9 +166,14 @@ def print_settings(options: Any) -> None:
     print(yaml_text(options), end="")
 
 
+def say(line: str) -> None:
+    """A console line of a stage (URLs redacted)."""
+    print(redact_text(line), flush=True)
+
+
 def fail(stage: str, error: BaseException) -> typing.NoReturn:
-    """Exit with one line that names the stage and the problem."""
-    sys.exit(f"{stage}: error: {error}")
+    """Exit with one line that names the stage and the problem (URLs redacted)."""
+    sys.exit(f"{stage}: error: {redact_text(str(error))}")
 
 
 def json_bytes(values: Any) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 from cfebm.config import ConfigError
 from cfebm.data import layout
 from cfebm.data.storage import filesystem, is_local
+from cfebm.redact import public_env
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,10 @@ def join(url: str, *parts: str) -> str:
 
 
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Variables passed to the workers (they may start on nodes that lack them)."""
+    """Variables passed to the workers (they may start on nodes that lack them): never a
+    credential, which Ray would record with the run (:func:`cfebm.redact.public_env`)."""
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+    return public_env(dict(environ), ENV_PREFIXES, ENV_NAMES)
 
 
 def dataset_key(data_url: str, storage_options: dict | None = None) -> str:

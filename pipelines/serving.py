@@ -9,6 +9,8 @@ models:/cfebm-digits@latest --env-manager local`` then answers POST /invocations
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import torch
 
@@ -17,7 +19,7 @@ from cfebm.trainer import model_from_checkpoint
 
 
 class EnergyModel(mlflow.pyfunc.PythonModel):
-    """The MLflow pyfunc model of a stage: uint8 images [N, C, r, r] (0-255, as
+    """The MLflow pyfunc model of a stage: images [N, C, r, r] of integers 0-255 (as
     ``pipelines.sample`` writes them) -> one energy per image (lower: more likely under the
     model; higher: the out-of-distribution score). Loaded by MLflow from the logged model's
     ``model.pt`` artifact; wrong shapes or dtypes are an error that names them (HTTP 400
@@ -35,15 +37,26 @@ class EnergyModel(mlflow.pyfunc.PythonModel):
         import numpy as np
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
+        if isinstance(model_input, dict):  # the named tensor of the signature
+            model_input = model_input.get("images", next(iter(model_input.values()), None))
         x = np.asarray(model_input)
-        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.shape:
+        shape = ", ".join(map(str, self.shape))
+        integral = x.dtype.kind in "iu" or (
+            x.dtype.kind == "f" and x.size and np.array_equal(x, np.round(x))
+        )
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.shape or not integral or x.size == 0:
+            got = f"{list(x.shape)} of {x.dtype}" + ("" if integral else " with fractions")
             raise MlflowException(
-                f"expected uint8 images [N, {', '.join(map(str, self.shape))}] in 0-255, got "
-                f"{x.dtype} {list(x.shape)}",
+                f"expected images [N, {shape}] of integers 0-255 (uint8, as pipelines.sample "
+                f"writes them), got {got}",
                 INVALID_PARAMETER_VALUE,
             )
+        if x.min() < 0 or x.max() > 255:
+            raise MlflowException(
+                f"expected pixel values 0-255, got {x.min()} to {x.max()}", INVALID_PARAMETER_VALUE
+            )
         with torch.no_grad():
-            e = self.energy(torch.from_numpy(x).float() / 127.5 - 1.0)
+            e = self.energy(torch.from_numpy(x.astype(np.float32)) / 127.5 - 1.0)
         return e.numpy().astype("float32")
 
 
@@ -61,17 +74,24 @@ def log_model(run_id: str, tracking_uri: str, model_path: str, registered_name: 
     cfg = ckpt["config"]["model"]
     r = cfg["resolutions"][int(ckpt["stage"])]
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, cfg["channels"], r, r), "images")]),
+        # float64: JSON numbers arrive as they are, so that fractions are refused rather
+        # than cast to uint8 (predict checks for integers 0-255)
+        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, cfg["channels"], r, r), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "energy")]),
     )
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     # The fluent run context ends the run (FINISHED): this is the stage's last MLflow step.
+    import cfebm
+    import pipelines
+
+    code = [os.path.dirname(cfebm.__file__), os.path.dirname(pipelines.__file__)]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=EnergyModel(),
             artifacts={"model": model_path},
+            code_paths=code,  # the model loads with the code it was trained with
             signature=signature,
             metadata={"cfebm_config": yaml.safe_dump(ckpt["config"]), "stage": int(ckpt["stage"])},
             pip_requirements=[],

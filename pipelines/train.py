@@ -59,6 +59,7 @@ from cfebm.loop import (
     step_metrics,
     train_stage,
 )
+from cfebm.redact import redact_url
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
 from cfebm.trainer import (
@@ -224,17 +225,19 @@ class StageError(RuntimeError):
     """The stage produced no model (diverged past the rollback limit, or failed)."""
 
 
-def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
+def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
     """Train stage ``stage`` on Ray and write its outputs; returns the metrics written."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t_start = time.time()
     cfg, previous, key = check_inputs(opts, stage)
+    t_checked = time.time()
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
     ray_ = opts.ray
     place = ray_utils.place(ray_, opts.data, opts.data_storage_options, "train.ray.storage")
+    t_placed = time.time()
     run_url = ray_utils.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
@@ -293,6 +296,7 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
             raise StageError(summary.get("error") or f"stage {stage} diverged")
         if result.checkpoint is None:
             raise StageError(f"stage {stage} finished without a checkpoint in {run_name}")
+        t_fitted = time.time()
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
         metrics = write_outputs(opts, stage, model_file(ckpt, cfg), summary, track)
@@ -303,9 +307,17 @@ def run_stage(opts: TrainStage, stage: int, echo=print) -> dict:
             "steps_this_run": summary.get("steps_this_attempt"),
             "workers": summary.get("world_size"),
             "images_per_s": summary.get("images_per_s"),
-            "fit_seconds": round(time.time() - t_fit, 2),
+            "fit_seconds": round(t_fitted - t_fit, 2),
             "wall_seconds": round(time.time() - t_start, 2),
-            "ray_run": run_url,
+            "timings": {  # seconds: where the stage's time went
+                "checks": round(t_checked - t_start, 2),
+                "ray_start": round(t_placed - t_checked, 2),
+                "workers_and_loop": round(t_fitted - t_fit, 2),
+                "loop": round(summary.get("seconds") or 0.0, 2),
+                **(summary.get("timings") or {}),
+                "outputs": round(time.time() - t_fitted, 2),
+            },
+            "ray_run": redact_url(run_url),
             "mlflow_run_id": track.run_id if track else None,
         }
         cio.write_bytes(os.path.join(opts.stage_dir(stage), "run.json"), _cli.json_bytes(info))

@@ -42,6 +42,7 @@ from cfebm.data import DataError, PyramidStore
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
 from cfebm.metrics import InceptionWeightsError
+from cfebm.redact import redact_url
 from cfebm.search import (
     DIVERGED_SCORE,
     SearchSpace,
@@ -381,7 +382,7 @@ def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
+def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
     """Run (or continue) the search; write the best setting and the metrics; return them."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's score line matters
     from ray import tune
@@ -507,7 +508,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=print) -> dict:
         best = pick_best(trials)
         baseline = {k: getattr(cfg.sampler, k) for k in p.space.dimensions()}
         result, metrics = search_result(trials, best, baseline, p.score.metric)
-        result.update(stage=p.stage, resolution=r, experiment=exp_path)
+        result.update(stage=p.stage, resolution=r, experiment=redact_url(exp_path))
         metrics["restored"] = restoring
         cio.write_bytes(p.out, (json.dumps(result, indent=2) + "\n").encode())
         cio.write_bytes(p.metrics, (json.dumps(metrics, indent=2) + "\n").encode())

@@ -113,7 +113,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
     return {
         "b/truncated.png": (png[: len(png) // 2], "corrupt or truncated"),
         "b/zero.png": (b"", "empty file"),
-        "notes.txt": (b"not an image at all\n", "not an image"),
+        "notes.png": (b"not an image at all\n", "not an image"),
         "b/c/cut.jpg": (jpeg[: len(jpeg) // 3], "corrupt or truncated"),
     }
 

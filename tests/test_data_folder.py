@@ -128,7 +128,7 @@ def test_empty_and_missing_folders(tmp_path):
 
 
 def test_all_files_bad_is_an_error_even_when_skipping(tmp_path):
-    write_folder(tmp_path / "in", {"a.txt": b"text", "b.png": b""})
+    write_folder(tmp_path / "in", {"a.jpg": b"text", "b.png": b""})
     with pytest.raises(DataError, match="no images; 2 skipped"):
         run(tmp_path / "in", tmp_path / "out", skip_corrupt=True)
 
@@ -138,3 +138,37 @@ def _solid_png(value: int) -> bytes:
     from PIL import Image
 
     return encode(Image.new("RGB", (9, 13), (value, value, value)), "PNG")
+
+
+def test_files_that_are_not_images_are_left_out_and_listed(tmp_path):
+    good = good_images()
+    write_folder(tmp_path / "in", {rel: data for rel, (data, _, _) in good.items()})
+    write_folder(tmp_path / "in", {"README.md": b"# my photos", "a/meta.json": b"{}"})
+    store = run(tmp_path / "in", tmp_path / "out")
+    assert store.count("train") == len(good)
+    assert sorted(store.manifest["ignored"]) == ["README.md", "a/meta.json"]
+    write_folder(tmp_path / "docs", {"README.md": b"# nothing else"})
+    with pytest.raises(DataError, match="no image files under .*README.md"):
+        run(tmp_path / "docs", tmp_path / "out2")
+
+
+def test_every_unreadable_image_is_named_in_one_error(tmp_path):
+    bad = bad_files()
+    write_folder(tmp_path / "in", {"ok.png": good_images()["top.png"][0]})
+    write_folder(tmp_path / "in", {rel: data for rel, (data, _) in bad.items()})
+    with pytest.raises(DataError, match=f"{len(bad)} file\\(s\\) of .* cannot be read") as info:
+        run(tmp_path / "in", tmp_path / "out", test_fraction=0.5)  # both splits have some
+    for rel, (_, phrase) in bad.items():
+        assert rel in str(info.value) and phrase in str(info.value)
+    assert "skip_corrupt" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_upsampling_is_said_and_recorded(tmp_path):
+    lines = []
+    prepare(PrepareConfig(source="digits", out=str(tmp_path / "d16"), resolution=16), lines.append)
+    assert any("1797 of 1797 images are smaller than 16x16" in line for line in lines)
+    assert PyramidStore(str(tmp_path / "d16")).manifest["upsampled"] == 1797
+    lines.clear()
+    prepare(PrepareConfig(source="digits", out=str(tmp_path / "d8"), resolution=8), lines.append)
+    assert not any("upsampled" in line for line in lines)

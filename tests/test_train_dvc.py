@@ -8,10 +8,13 @@ The module fixture runs the pipeline once; each test checks one capability on it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import html
 import json
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +37,9 @@ from train_fixtures import (
 pytestmark = pytest.mark.slow
 
 INJECT_AT = 15
+PLANTED = ("tok-PLANTED-in-params", "key-PLANTED-in-env")
+"""Credentials planted in the data's storage options (params.yaml) and in the environment
+(AWS_SECRET_ACCESS_KEY) of every run: nothing the runs write may contain them."""
 
 
 def read(path: str) -> dict:
@@ -53,15 +59,23 @@ def registered_steps(root) -> list[int]:
     return steps
 
 
+RAY_TMP = ray_tmpdir()
+LOGS: list[str] = []
+"""The console output of every run of the module (grepped for the planted secrets)."""
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     """(project root, output of the second repro, the step of the last checkpoint before
     the kill)."""
     tmp = tmp_path_factory.mktemp("dvc")
     # tests/params_smoke.yaml: train@0 60 steps, train@1 90 steps of 32 images
-    params = smoke_params(debug={"inject_divergence_at_step": INJECT_AT})  # a NaN step each
+    params = smoke_params(
+        debug={"inject_divergence_at_step": INJECT_AT},  # a NaN step in each stage
+        data_storage_options={"token": PLANTED[0]},  # (the local filesystem ignores it)
+    )
     root = make_project(tmp / "proj", params, stages=(*TRAINING_STAGES, "features", "evaluate"))
-    renv = {"RAY_TMPDIR": ray_tmpdir()}
+    renv = {"RAY_TMPDIR": RAY_TMP, "AWS_SECRET_ACCESS_KEY": PLANTED[1]}
     first = start(["dvc", "repro", "train@1"], root, str(tmp / "first.log"), **renv)
     try:
         wait_for(
@@ -76,6 +90,8 @@ def killed_and_resumed(tmp_path_factory):
     assert not os.path.exists(f"{root}/metrics/train-stage1.json")
     killed_at = max(registered_steps(root))
     second = run(["dvc", "repro"], root, timeout=400, **renv)  # and features, evaluate
+    with open(tmp / "first.log") as f:
+        LOGS.extend([f.read(), second.stdout + second.stderr])
     return root, second.stdout + second.stderr, killed_at
 
 
@@ -137,7 +153,9 @@ def test_plots_are_whole_across_the_kill_and_dvc_renders_them(killed_and_resumed
     assert beta[0] < 0.1 and beta[-1] == 1.0  # faded in over 960 of the images
 
     shown = json.loads(run(["dvc", "plots", "show", "--json"], root).stdout)
-    assert not shown.get("errors"), shown.get("errors")
+    # (this project has no ood stage: its plot folder is the one that may be missing)
+    errors = [e for e in shown.get("errors", []) if os.path.exists(f"{root}/{e['source']}")]
+    assert not errors, errors
     data = shown["data"]
     for s in (0, 1):
         assert data[f"plots/train/stage{s}.csv"][0]["type"] == "vega"
@@ -195,13 +213,15 @@ def test_the_registered_model_serves_energies(killed_and_resumed, tmp_path):
 
 @pytest.fixture(scope="module")
 def experiment(killed_and_resumed) -> str:
-    """The name of a DVC experiment run in a temporary copy with one parameter changed."""
+    """The name of a DVC experiment run in a temporary copy with one parameter changed (of
+    the evaluate stages: they alone run again)."""
     root, _, _ = killed_and_resumed
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "smoke pipeline"], root)
-    name = "step-half"
-    run(["dvc", "exp", "run", "--temp", "-n", name, "-S", "train.sampler.step_size=0.5"],
-        root, timeout=600, RAY_TMPDIR=ray_tmpdir())  # fmt: skip
+    name = "fewer-samples"
+    done = run(["dvc", "exp", "run", "--temp", "-n", name, "-S", "evaluate.num_samples=32"],
+               root, timeout=600, RAY_TMPDIR=RAY_TMP, AWS_SECRET_ACCESS_KEY=PLANTED[1])  # fmt: skip
+    LOGS.append(done.stdout + done.stderr)
     return name
 
 
@@ -210,28 +230,31 @@ def test_dvc_exp_run_temp_logs_to_the_project_store(killed_and_resumed, experime
 
     root, _, _ = killed_and_resumed
     name = experiment
-    shown = run(["dvc", "exp", "show", "--csv"], root).stdout
-    header, *rows = list(csv.reader(shown.splitlines()))
-    (row,) = (r for r in rows if name in r)
-    step_size = header.index("train.sampler.step_size")
-    assert float(row[step_size]) == 0.5
-    assert row[header.index("metrics/train-stage1.json:step")] == "90"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    (exp_run,) = (
+        r for e in shown for x in e.get("experiments") or [] for r in x["revs"] if r["name"] == name
+    )
+    data = exp_run["data"]
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["num_samples"] == 32
+    metrics = {k: v["data"] for k, v in data["metrics"].items()}
+    assert metrics["metrics/evaluate-stage1.json"]["stage_1"]["num_samples"] == 32
+    assert metrics["metrics/train-stage1.json"]["step"] == 90  # restored, not trained again
 
     # The temporary copy's stages logged to the project's store, named by the experiment.
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("cfebm")
     runs = client.search_runs([exp.experiment_id], f"tags.`cfebm.dvc_experiment` = '{name}'")
     kinds = sorted(r.data.tags["cfebm.kind"] for r in runs)
-    assert kinds == ["pipeline"] + ["stage"] * 4, kinds  # train@0, train@1, evaluate@0, @1
+    assert kinds == ["pipeline", "stage", "stage"], kinds  # evaluate@0, evaluate@1
     for r in runs:
-        if r.data.tags["cfebm.kind"] == "stage":
-            assert r.data.params["train.sampler.step_size"] == "0.5"
-            assert r.info.status == "FINISHED"
+        assert r.info.status == "FINISHED"
+        assert r.data.params["evaluate.num_samples"] == "32"  # the stages', and the parent's
     assert not glob.glob(f"{root}/.dvc/tmp/exps/**/mlflow.db", recursive=True)
 
 
 def _rendered(url: str, tmp_path, wait_ms: int = 20000) -> str:
-    """The DOM of ``url`` after headless Chromium ran its scripts (Debian's chromium)."""
+    """The text of ``url`` as headless Chromium renders it (Debian's chromium), once the
+    page's scripts ran."""
     import shutil
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -239,7 +262,9 @@ def _rendered(url: str, tmp_path, wait_ms: int = 20000) -> str:
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
            f"--user-data-dir={tmp_path / 'chromium'}", f"--virtual-time-budget={wait_ms}",
            "--window-size=1600,1200", "--dump-dom", url]  # fmt: skip
-    return run(cmd, str(tmp_path), timeout=120).stdout
+    dom = run(cmd, str(tmp_path), timeout=120).stdout
+    text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
 
 
 def test_the_mlflow_ui_lists_the_runs_and_compares_two_pipelines(
@@ -267,23 +292,47 @@ def test_the_mlflow_ui_lists_the_runs_and_compares_two_pipelines(
                 return False
 
         wait_for(ready, 120, "mlflow ui", interval=0.5, proc=ui)
-        # The experiment opens on its training runs (not on the GenAI traces overview).
+        # The experiment opens on its training runs (not on the GenAI traces overview),
+        # with the pipeline runs as the rows (their stage runs nested under them).
         page = _rendered(f"{url}/#/experiments/{exp.experiment_id}/runs", tmp_path)
+        every = client.search_runs([exp.experiment_id])
+        assert "Training runs" in page and f"{len(every)} matching runs" in page
         for p in parents:
             assert p.info.run_name in page
-        flat = _rendered(
-            f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter="
-            + urllib.parse.quote("tags.`cfebm.kind` = 'stage'"),
-            tmp_path,
-        )
-        assert "stage0-4x4" in flat and "stage1-8x8" in flat
+        (stage,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'stage1-8x8'")
+        page = _rendered(f"{url}/#/experiments/{exp.experiment_id}/runs/{stage.info.run_id}",
+                         tmp_path)  # fmt: skip
+        assert "stage1-8x8" in page and "train.sampler.step_size" in page and "loss" in page
         ids = json.dumps([p.info.run_id for p in parents])
         compare = _rendered(
             f"{url}/#/compare-runs?runs={urllib.parse.quote(ids)}"
             f"&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}",
             tmp_path,
         )
-        assert "train.sampler.step_size" in compare
+        assert "evaluate.num_samples" in compare  # the parameter that differs
         assert "evaluate/stage_1/fid_cfebm-digits-cnn" in compare
     finally:
         kill_group(ui)
+
+
+def test_no_planted_secret_is_written_anywhere(killed_and_resumed, experiment):
+    """Everything the runs wrote (outputs, DVC cache, checkpoints, the MLflow store and its
+    artifacts, Ray's session logs, the console) is free of the planted credentials; only
+    the user's own params.yaml holds one, and DVC's and git's records of it (dvc.lock,
+    the experiments' snapshots in .dvc/tmp/exps, .git)."""
+    root, _, _ = killed_and_resumed
+    own, exps = {"params.yaml", "dvc.lock"}, os.path.join(root, ".dvc", "tmp", "exps")
+    blobs = ["".join(LOGS).encode()]
+    for folder in (root, RAY_TMP):
+        for base, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if d != ".git" and os.path.join(base, d) != exps]
+            for name in files:
+                if base == root and name in own:
+                    continue
+                with contextlib.suppress(OSError), open(os.path.join(base, name), "rb") as f:
+                    blobs.append(f.read())
+    assert len(blobs) > 100  # outputs, cache, checkpoints, mlflow.db, mlruns, Ray logs
+    for secret in PLANTED:
+        leaks = sum(secret.encode() in b for b in blobs)
+        assert leaks == 0, f"{secret} found in {leaks} file(s)"
+    assert any("holds a credential" in log for log in LOGS)  # the user is told to move it

@@ -75,6 +75,8 @@ def load_cifar_source(
                 raise DataError(
                     f"{url}:{name}: label {labels.max()} but only {len(label_names)} classes"
                 )
+            if resolution > images.shape[-1]:
+                source.upsampled += len(images)
             images = to_channels(resize_batch(images, resolution, resample), channels)
             yield images, labels
 
@@ -86,11 +88,12 @@ def load_cifar_source(
             labels = _parse_batch(members[name], f"{url}:{name}")[1]
             n_classes = max(n_classes, int(labels.max(initial=-1)) + 1)
         label_names = [f"class_{i}" for i in range(n_classes)]
-    return Source(
+    source = Source(
         channels=channels,
         splits={"train": batches(train_names), "test": batches(test_names)},
         label_names=label_names,
     )
+    return source
 
 
 def _batch_number(name: str) -> int:

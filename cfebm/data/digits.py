@@ -32,4 +32,5 @@ def load_digits_source(
         channels=channels,
         splits={"train": [(images[train], labels[train])], "test": [(images[test], labels[test])]},
         label_names=[str(d) for d in range(10)],
+        upsampled=len(images) if resolution > raw.shape[-1] else 0,
     )

@@ -4,9 +4,11 @@ JPEG, PNG, WebP and GIF (first frame) are read; grayscale, palette, RGBA/LA (com
 on white, since the colour of transparent pixels is undefined), CMYK and 16-bit images
 are converted to the configured channels; EXIF orientation is applied; each image is
 centre-cropped to a square and resized to the finest resolution. Hidden files and
-folders (names starting with '.') are ignored. Any other file is bad input: by default
-it stops the stage with a DataError naming the file; with ``skip_corrupt`` it is skipped
-and recorded in ``Source.skipped``.
+folders (names starting with '.') are ignored, and so are files without an image
+extension (a README, a ``.json`` sidecar), which are listed in ``Source.ignored``. A file
+with an image extension that cannot be read is bad input: by default the stage stops with
+one DataError that names every such file of the folder; with ``skip_corrupt`` they are
+skipped and recorded in ``Source.skipped``.
 
 Files are fetched and decoded by a few threads, a chunk at a time, so memory holds one
 chunk of encoded files plus one shard of decoded images.
@@ -27,6 +29,8 @@ from cfebm.data.source import Batch, Source, split_permutation
 from cfebm.data.storage import filesystem, is_credentials_error, storage_errors, to_url
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif")
+"""Files read as images (case-insensitive); any other file is ignored and listed."""
 FETCH_CHUNK = 64  # files in flight at once: bounds the encoded bytes held in memory
 FETCH_THREADS = 8  # concurrent reads hide object-store latency; Pillow decodes without the GIL
 _BACKGROUND = (255, 255, 255)
@@ -49,14 +53,21 @@ def load_folder_source(
     """
     fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
-    files = list_files(fs, root, url)
+    found = list_files(fs, root, url)
+    files = [p for p in found if p.lower().endswith(EXTENSIONS)]
+    ignored = [p[len(root) + 1 :] for p in found if not p.lower().endswith(EXTENSIONS)]
+    if not files:
+        raise DataError(
+            f"no image files under {url} ({len(ignored)} other file(s), e.g. "
+            f"{ignored[:3]}; images end in {', '.join(EXTENSIONS)})"
+        )
     rel = [p[len(root) + 1 :] for p in files]
     label_names = None
     labels = None
     if folder_labels:
         label_names, labels = _labels_from_dirs(rel, url)
     train, test = split_permutation(len(files), test_fraction, seed)
-    source = Source(channels=channels, splits={}, label_names=label_names)
+    source = Source(channels=channels, splits={}, label_names=label_names, ignored=ignored)
     decode = ImageDecoder(resolution, channels, resample)
 
     def load(path: str) -> np.ndarray | DataError:
@@ -77,12 +88,13 @@ def load_folder_source(
                 chunk = indices[start : start + FETCH_CHUNK]
                 images, kept = [], []
                 for i, result in zip(chunk, pool.map(load, [files[i] for i in chunk])):
-                    if isinstance(result, DataError):
-                        if not skip_corrupt:
-                            raise result
-                        source.skipped.append(_skip_record(to_url(fs, files[i]), result))
+                    if isinstance(result, DataError):  # all of them reported at the end
+                        bad = source.skipped if skip_corrupt else source.errors
+                        bad.append(_skip_record(to_url(fs, files[i]), result))
                     else:
-                        images.append(result)
+                        image, small = result
+                        source.upsampled += small
+                        images.append(image)
                         kept.append(i)
                 if images:
                     yield np.stack(images), (labels[kept] if labels is not None else None)
@@ -133,7 +145,8 @@ class ImageDecoder:
         self.resolution, self.channels = resolution, channels
         self.filter = resample_filter(resample)
 
-    def __call__(self, data: bytes, name: str) -> np.ndarray:
+    def __call__(self, data: bytes, name: str) -> tuple[np.ndarray, bool]:
+        """(the image, whether it was smaller than the resolution and upsampled)."""
         if len(data) == 0:
             raise DataError(f"{name}: empty file (0 bytes)")
         try:
@@ -158,9 +171,10 @@ class ImageDecoder:
         img.load()
         img = ImageOps.exif_transpose(img)
         img = centre_square(_to_mode(img, "L" if self.channels == 1 else "RGB"))
+        small = img.size[0] < r
         img = img.resize((r, r), self.filter)
         x = np.asarray(img, dtype=np.uint8)
-        return x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, r, r]
+        return (x[None] if x.ndim == 2 else x.transpose(2, 0, 1)), small  # [C, r, r]
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:

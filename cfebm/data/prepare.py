@@ -16,6 +16,7 @@ from cfebm.data.params import from_section
 from cfebm.data.pyramid import level_info
 from cfebm.data.source import Source
 from cfebm.data.writer import DatasetWriter, ShardBuffer
+from cfebm.redact import redact
 
 SOURCES = ("digits", "shapes", "cifar10", "folder")
 NATIVE_CHANNELS = {"digits": 1, "shapes": 3, "cifar10": 3, "folder": 3}
@@ -94,8 +95,9 @@ class PrepareConfig:
         return from_section(cls, values, "prepare")
 
     def public(self) -> dict:
-        """The settings recorded in the manifest: no storage_options (credentials) or out."""
-        return {k: v for k, v in asdict(self).items() if k not in ("storage_options", "out")}
+        """The settings recorded in the manifest (no storage_options or out; URLs without
+        their credentials)."""
+        return redact({k: v for k, v in asdict(self).items() if k not in ("storage_options", "out")})
 
 
 def open_source(config: PrepareConfig) -> Source:
@@ -132,10 +134,14 @@ def open_source(config: PrepareConfig) -> Source:
 
 def prepare(config: PrepareConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Read the source and write the finest-level dataset root; return its manifest."""
+    inputs = [config.url] if config.url else []
+    writer = DatasetWriter(config.out, config.storage_options, inputs)  # checked first
     source = open_source(config)
     splits: dict[str, dict] = {}
     has_labels = False
-    with DatasetWriter(config.out, config.storage_options) as writer:
+    with writer:
+        if progress and writer.stale:
+            progress(f"removed {len(writer.stale)} staging folder(s) of an interrupted write")
         for split, batches in source.splits.items():
             buffer = ShardBuffer(writer, split, config.resolution, config.shard_size)
             buffer.add_all(batches)
@@ -144,6 +150,23 @@ def prepare(config: PrepareConfig, progress: Callable[[str], None] | None = None
             splits[split] = {"count": sum(counts), "shards": len(counts), "shard_counts": counts}
             if progress:
                 progress(f"{split}: {sum(counts)} images in {len(counts)} shard(s)")
+        if source.errors:
+            shown = "\n".join(f"  {e['file']}: {e['reason']}" for e in source.errors[:50])
+            more = f"\n  ... and {len(source.errors) - 50} more" if len(source.errors) > 50 else ""
+            raise DataError(
+                f"{len(source.errors)} file(s) of {config.url} cannot be read (set "
+                f"prepare.skip_corrupt: true to leave them out):\n{shown}{more}"
+            )
+        total = sum(s["count"] for s in splits.values())
+        if progress and source.upsampled:
+            progress(
+                f"note: {source.upsampled} of {total} images are smaller than "
+                f"{config.resolution}x{config.resolution} and were upsampled ({config.resample}): "
+                "the finest level adds no detail the source does not have"
+            )
+        if progress and source.ignored:
+            progress(f"ignored {len(source.ignored)} file(s) that are not images, e.g. "
+                     f"{source.ignored[:3]} (listed in the manifest)")
         if sum(s["count"] for s in splits.values()) == 0:
             detail = f"; {len(source.skipped)} skipped" if source.skipped else ""
             raise DataError(f"source {config.source!r} produced no images{detail}")
@@ -158,7 +181,9 @@ def prepare(config: PrepareConfig, progress: Callable[[str], None] | None = None
             "label_names": source.label_names,
             "label_fields": source.label_fields,
             "levels": level_info([config.resolution], config.channels),
-            "skipped": source.skipped,
+            "skipped": redact(source.skipped),
             "skipped_count": len(source.skipped),
+            "ignored": source.ignored,
+            "upsampled": source.upsampled,
         }
         return writer.commit(manifest)

@@ -16,6 +16,7 @@ from cfebm.data import layout
 from cfebm.data.errors import DataError
 from cfebm.data.params import from_section
 from cfebm.data.store import PyramidStore
+from cfebm.redact import redact
 from cfebm.data.writer import DatasetWriter
 
 
@@ -65,8 +66,6 @@ class PyramidConfig:
         for name in ("input", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise DataError(f"pyramid.{name} must be a non-empty path or URL")
-        if self.input.rstrip("/") == self.out.rstrip("/"):
-            raise DataError(f"pyramid.out must differ from pyramid.input ({self.input})")
         layout.check_resolution(self.coarsest, "pyramid.coarsest")
         if not isinstance(self.storage_options, dict):
             raise DataError("pyramid.storage_options must be a mapping")
@@ -76,12 +75,14 @@ class PyramidConfig:
         return from_section(cls, values, "pyramid")
 
     def public(self) -> dict:
-        """The settings without storage_options (which may hold credentials)."""
-        return {k: v for k, v in asdict(self).items() if k != "storage_options"}
+        """The settings without storage_options (which may hold credentials), URLs
+        redacted."""
+        return redact({k: v for k, v in asdict(self).items() if k != "storage_options"})
 
 
 def build_pyramid(config: PyramidConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Write the pyramid of ``config.input`` to ``config.out``; return the new manifest."""
+    writer = DatasetWriter(config.out, config.storage_options, [config.input])  # checked first
     source = PyramidStore(config.input, config.storage_options)
     finest = source.resolutions[-1]
     if source.dtype(finest) != np.uint8:
@@ -93,7 +94,9 @@ def build_pyramid(config: PyramidConfig, progress: Callable[[str], None] | None 
             f"{finest} of {config.input}"
         )
     resolutions = layout.pyramid_resolutions(finest, config.coarsest)
-    with DatasetWriter(config.out, config.storage_options) as writer:
+    with writer:
+        if progress and writer.stale:
+            progress(f"removed {len(writer.stale)} staging folder(s) of an interrupted write")
         for split in source.splits:
             for k in range(source.num_shards(split)):
                 images = source.read_shard(split, finest, k)  # uint8 [n, C, finest, finest]

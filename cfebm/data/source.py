@@ -24,6 +24,12 @@ class Source:
     label_names: list | None = None
     label_fields: list[str] | None = None
     skipped: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    """Unreadable inputs without ``skip_corrupt``: the stage fails naming all of them."""
+    ignored: list[str] = field(default_factory=list)
+    """Files that are not images (a folder's README), left out and listed."""
+    upsampled: int = 0
+    """Images smaller than the resolution, and so upsampled."""
 
 
 def split_permutation(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,10 @@ def filesystem(
     url: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it; unknown protocols raise DataError."""
+    from cfebm.io import fs_and_path
+
     try:
-        return url_to_fs(str(url), **(storage_options or {}))
+        return fs_and_path(url, storage_options)
     except (ImportError, ValueError, TypeError) as e:
         raise DataError(f"cannot open {url}: {e}") from e
 
@@ -45,13 +47,43 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+_UNREACHABLE_ERRORS = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerTimeoutError",
+}
+
+
+def is_unreachable_error(error: BaseException) -> bool:
+    """The storage endpoint did not answer (a wrong or unreachable AWS_ENDPOINT_URL)."""
+    return type(error).__name__ in _UNREACHABLE_ERRORS or isinstance(
+        error, (ConnectionRefusedError, TimeoutError)
+    )
+
+
+def unreachable_message(error: BaseException) -> str:
+    import os
+
+    endpoint = getattr(error, "kwargs", {}).get("endpoint_url") or os.environ.get(
+        "AWS_ENDPOINT_URL", "the default AWS endpoint"
+    )
+    endpoint = endpoint.split("/", 3)[:3]
+    return (
+        f"the storage endpoint {'/'.join(endpoint)} does not answer; check "
+        "AWS_ENDPOINT_URL (or storage_options.endpoint_url) and that the server runs"
+    )
+
+
 def is_credentials_error(error: BaseException) -> bool:
     return type(error).__name__ in _CREDENTIAL_ERRORS
 
 
 @contextlib.contextmanager
 def storage_errors(url: str, what: str = "access") -> Iterator[None]:
-    """Re-raise missing objects, denied access, missing credentials as DataError naming ``url``."""
+    """Re-raise missing objects, denied access, missing credentials and an endpoint that
+    does not answer as one DataError naming ``url``."""
     try:
         yield
     except DataError:
@@ -61,6 +93,8 @@ def storage_errors(url: str, what: str = "access") -> Iterator[None]:
     except PermissionError as e:
         raise DataError(f"cannot {what} {url}: access denied ({e})") from e
     except Exception as e:
+        if is_unreachable_error(e):
+            raise DataError(f"cannot {what} {url}: {unreachable_message(e)}") from None
         if is_credentials_error(e):
             raise DataError(
                 f"cannot {what} {url}: no credentials ({e}); set AWS_ACCESS_KEY_ID / "

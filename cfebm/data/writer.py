@@ -6,11 +6,18 @@ Object stores have no rename: there the old manifest is deleted first, then the 
 files, the new files are uploaded, and the manifest goes last. A reader (PyramidStore,
 the trainer) refuses a root without a manifest, and DVC never sees a finished output of
 a failed stage, so neither takes a partial root as complete.
+
+Nothing is deleted that this project did not write: an output root may be replaced only
+when it is absent, empty, or a dataset root (its manifest says ``cfebm-...``), and it may
+never be, or contain, one of the stage's inputs. Both are checked when the writer is
+made, before anything is read. Hidden staging folders that a killed earlier write of the
+same root left behind are removed when the next write starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -43,18 +50,69 @@ class DatasetWriter:
     block with an exception (or without committing) removes what was written.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(
+        self, url: str, storage_options: dict | None = None, inputs: Iterable[str] = ()
+    ):
         self.url = str(url).rstrip("/")
         self.fs, self.root = filesystem(self.url, storage_options)
         self.local = is_local(self.fs)
+        if self.local:
+            self.root = os.path.abspath(self.root)
         self.files: dict[str, str] = {}
+        self.stale: list[str] = []
+        """Staging folders of interrupted earlier writes, removed by ``__enter__``."""
         self._staging = ""
         self._committed = False
+        for source in inputs:
+            self._check_not_input(str(source), storage_options)
+        with storage_errors(self.url, "inspect"):
+            self._check_replaceable()
+
+    def _check_not_input(self, source: str, storage_options: dict | None) -> None:
+        fs, path = filesystem(source, storage_options)
+        if type(fs) is not type(self.fs):
+            return
+        path = os.path.abspath(path) if self.local else path.rstrip("/")
+        if path == self.root or path.startswith(self.root.rstrip("/") + "/"):
+            raise DataError(
+                f"output {self.url} contains the input {source}: writing it would replace "
+                "the input. Choose an output outside the input."
+            )
+
+    def _check_replaceable(self) -> None:
+        """DataError unless the root is absent, empty, or a dataset root (see module doc)."""
+        fs, root = self.fs, self.root
+        if not root.strip("/"):
+            raise DataError(f"output {self.url} is the root of its filesystem")
+        if not fs.exists(root):
+            return
+        if not fs.isdir(root):
+            raise DataError(f"output {self.url} exists and is not a directory")
+        entries = [os.path.basename(str(e).rstrip("/")) for e in fs.ls(root, detail=False)]
+        if not entries:
+            return
+        manifest = f"{root}/{layout.MANIFEST}"
+        fmt = None
+        if layout.MANIFEST in entries:
+            with contextlib.suppress(Exception):
+                fmt = json.loads(fs.cat_file(manifest)).get("format")
+        if isinstance(fmt, str) and fmt.startswith("cfebm-"):
+            return
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise DataError(
+            f"output {self.url} already holds other data ({len(entries)} entries: {shown}) "
+            "and is not a dataset root that cfebm wrote (no cfebm manifest.json): refusing "
+            "to replace it. Choose a new or empty folder for the output."
+        )
 
     def __enter__(self) -> DatasetWriter:
         if self.local:
-            parent, name = os.path.split(os.path.abspath(self.root))
+            parent, name = os.path.split(self.root)
             os.makedirs(parent, exist_ok=True)
+            for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+                for stale in glob.glob(os.path.join(glob.escape(parent), pattern)):
+                    shutil.rmtree(stale, ignore_errors=True)
+                    self.stale.append(stale)
             self._staging = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
             os.makedirs(self._staging)
         else:
@@ -112,7 +170,7 @@ class DatasetWriter:
 
     def _swap_in(self) -> None:
         """Replace the local root by the staging directory: old root aside, rename, delete."""
-        root = os.path.abspath(self.root)
+        root = self.root
         old = ""
         if os.path.lexists(root):
             if not os.path.isdir(root) or os.path.islink(root):

@@ -61,10 +61,12 @@ fi
 
 # The job's runtime environment: the variables above (never RAY_ADDRESS: inside the job
 # Ray sets it to the cluster's GCS) and the files that stay behind.
-runtime_env=$("$BIN/python" - <<-'EOF'
+runtime_env=$(PYTHONPATH=$ROOT "$BIN/python" - <<-'EOF'
 	import json, os
-	keep = ("AWS_", "MLFLOW_TRACKING_", "CFEBM_")
-	env = {k: v for k, v in os.environ.items() if k.startswith(keep)}
+	from cfebm.redact import public_env
+	# Ray records a job's runtime environment: credentials stay out of it (the nodes have
+	# them in their own environment, as instance roles or mounted secrets give them).
+	env = public_env(dict(os.environ), ("AWS_", "MLFLOW_TRACKING_", "CFEBM_"))
 	# Local state and caches never travel (most are .gitignore'd, which Ray honours too).
 	# Patterns are gitignore-style: anchored with "/", or `data` would also drop cfebm/data.
 	excludes = ["/.git", "/.venv", "/.cluster", "/.dvc/cache", "/.dvc/tmp", "/.dvc/config.local",

@@ -50,6 +50,7 @@ import torch
 
 from benchmarks.pyramid import peak_rss_kib
 from cfebm.config import CFEBMConfig, SamplerConfig, cifar10_release
+from cfebm.flops import energy_grad_flops, loss_step_flops
 from cfebm.frozen import FrozenEnergy, stage_energies
 from cfebm.langevin import Energy, energy_and_grad, sample_langevin, upsample2x
 from cfebm.model import CoarseToFineEBM
@@ -342,13 +343,16 @@ def langevin_chains(
     r = cfg.model.resolutions[stage]
     x0 = uniform_noise(preset.batch, cfg.model.channels, r, generator, device)
 
+    flops = energy_grad_flops(FrozenEnergy(model.nets[stage], 1.0), (cfg.model.channels, r, r))
+
     def chain(variant: str, k: int) -> torch.Tensor:
         if variant == "naive":
             return naive_langevin(model, x0, stage, 1.0, etas[:k], sigmas[:k], generator)
         energy = FrozenEnergy(model.nets[stage], 1.0, DTYPES[variant])
         return sample_langevin(energy, x0, etas[:k], sigmas[:k], generator=generator)
 
-    return {"stage": stage, "resolution": r, "steps": len(etas)}, chain
+    facts = {"stage": stage, "resolution": r, "steps": len(etas), "flops": flops * preset.batch}
+    return facts, chain
 
 
 def training_steps(
@@ -373,7 +377,13 @@ def training_steps(
         else:
             fast_train_step(model, coarse, optimizer, x_data, cfg, 1.0, generator)
 
-    return {"stage": stage, "resolution": r, "steps": cfg.sampler.steps}, step
+    c, k = cfg.model.channels, cfg.sampler.steps
+    chain = sum(
+        energy_grad_flops(FrozenEnergy(fast.nets[t], 1.0), (c, q, q)) * k
+        for t, q in enumerate(cfg.model.resolutions[: stage + 1])
+    )  # per image: K steps through every stage <= s, then the loss's forward + backward
+    flops = (chain + 2 * loss_step_flops(fast.current, (c, r, r))) * preset.batch
+    return {"stage": stage, "resolution": r, "steps": k, "flops": flops}, step
 
 
 def time_langevin(
@@ -500,6 +510,65 @@ def cpu_info() -> tuple[str, list[str]]:
     return name, flags
 
 
+FMA_UNITS = 2
+"""FMA units per core assumed for the CPU peak (2 on Xeon server cores)."""
+GPU_PEAK_TFLOPS = {"H200": (67.0, 989.0), "H100": (67.0, 989.0), "A100": (19.5, 312.0)}
+"""(fp32, dense bf16 tensor) TFLOP/s of GPUs by name (the vendors' SXM data sheets)."""
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_ghz() -> float | None:
+    """The cores' clock: the highest ``cpu MHz`` in /proc/cpuinfo (VMs rarely show the max)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        return max(mhz) / 1000 if mhz else None
+    except (OSError, ValueError):
+        return None
+
+
+def peak_gflops(device: str) -> tuple[dict[str, float | None], str]:
+    """({"fp32": peak, "bf16": peak} in GFLOP/s, how it was computed) for ``device``.
+
+    CPU: cores x FMA width x 2 (an FMA is two FLOPs) x :data:`FMA_UNITS` x clock, with the
+    vector width torch uses (``ATEN_CPU_CAPABILITY`` caps it: avx2 = 8 fp32 lanes, AVX-512
+    16); bf16 counts the AVX512_BF16 dot product (two bf16 FMAs per fp32 lane) where the CPU
+    has it (AMX, where present, can go higher).
+    """
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, (fp32, bf16) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return {"fp32": fp32 * 1e3, "bf16": bf16 * 1e3}, f"{name}: data sheet"
+        return {"fp32": None, "bf16": None}, f"{name}: peak unknown"
+    flags, ghz, cores = cpu_flags(), cpu_ghz(), cpu_count()
+    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default")
+    lanes = 16 if "avx512f" in flags and not capped else 8 if "avx2" in flags else 4
+    if ghz is None:
+        return {"fp32": None, "bf16": None}, "clock unknown"
+    fp32 = cores * lanes * 2 * FMA_UNITS * ghz
+    bf16 = 2 * fp32 if "avx512_bf16" in flags and not capped else None
+    how = (
+        f"{cores} cores x {lanes} fp32 lanes x 2 FLOP/FMA x {FMA_UNITS} FMA units x {ghz:.2f} GHz"
+        f" = {fp32:.0f} GFLOP/s fp32" + (f", {bf16:.0f} bf16 (AVX512_BF16)" if bf16 else "")
+    )
+    return {"fp32": fp32, "bf16": bf16}, how
+
+
+def share(gflops: float, peak: float | None) -> str:
+    return f"{gflops:,.1f} ({100 * gflops / peak:.0f}%)" if peak else f"{gflops:,.1f}"
+
+
 def header(preset_name: str, preset: Preset, devices: list[str]) -> str:
     name, flags = cpu_info()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -517,6 +586,9 @@ def header(preset_name: str, preset: Preset, devices: list[str]) -> str:
         f"{'K per config (default 30, CIFAR-10 15)' if preset.steps is None else preset.steps}"
         f" steps per stage, median of {preset.repeat} chains / {preset.train_repeat} "
         f"training iterations after a warm-up; main tables with GLIBC_TUNABLES={TUNED_MALLOC}",
+        *(f"peak on {d}: {peak_gflops(d)[1]}" for d in devices),
+        "GFLOP/s count useful FLOPs: every energy evaluation and input gradient of the chain"
+        " (and the loss step's forward and backward), by torch's FLOP counter (cfebm.flops)",
     ]
     return "\n".join(lines)
 
@@ -541,24 +613,30 @@ def equivalence_table(rows: list[dict], device: str) -> str:
 
 
 def langevin_table(timing: dict[str, dict], batch: int, device: str) -> str:
+    peak, _ = peak_gflops(device)
     out = [
-        f"Langevin on {device}, batch {batch}: ms per step and images x steps / s "
-        "(variants interleaved in one process)",
+        f"Langevin on {device}, batch {batch}: ms per step, images x steps / s, and useful "
+        "GFLOP/s (share of the device's peak for that precision; variants interleaved in "
+        "one process)",
         "| network | stage | res | K | naive ms | fp32 ms | bf16 ms | naive img*st/s | "
-        "fp32 img*st/s | bf16 img*st/s | fp32 vs naive | bf16 vs naive |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "fp32 img*st/s | bf16 img*st/s | fp32 vs naive | bf16 vs naive | fp32 GFLOP/s | "
+        "bf16 GFLOP/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "---: | ---: |",
     ]
     for network, child in timing.items():
         for rows in child["langevin"]:
             first = rows["naive"]
             ms = [rows[v]["seconds"] * 1e3 for v in LANGEVIN_VARIANTS]
             rate = [batch / rows[v]["seconds"] for v in LANGEVIN_VARIANTS]
+            gf = [first["flops"] / rows[v]["seconds"] / 1e9 for v in ("fast-fp32", "fast-bf16")]
             out.append(
                 f"| {network} | {first['stage']} | {first['resolution']} | {first['steps']} | "
                 + " | ".join(f"{v:.2f}" for v in ms)
                 + " | "
                 + " | ".join(f"{v:,.0f}" for v in rate)
-                + f" | {ms[0] / ms[1]:.2f}x | {ms[0] / ms[2]:.2f}x |"
+                + f" | {ms[0] / ms[1]:.2f}x | {ms[0] / ms[2]:.2f}x | "
+                + f"{share(gf[0], peak['fp32'])} | {share(gf[1], peak['bf16'])} |"
             )
     return "\n".join(out)
 
@@ -567,16 +645,19 @@ def training_table(timing: dict[str, dict], batch: int, device: str) -> str:
     out = [
         f"Training iteration on {device}, batch {batch} (chain through all stages <= s, "
         "loss, Adam; beta = 1; naive and fast interleaved)",
-        "| network | stage | res | K per stage | naive s/it | fast s/it | fast vs naive |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| network | stage | res | K per stage | naive s/it | fast s/it | fast vs naive | "
+        "fast GFLOP/s (fp32 peak) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    peak, _ = peak_gflops(device)
     for network, child in timing.items():
         for rows in child["train"]:
             naive, fast = rows["train-naive"], rows["train-fast"]
+            gf = fast["flops"] / fast["seconds"] / 1e9
             out.append(
                 f"| {network} | {naive['stage']} | {naive['resolution']} | {naive['steps']} | "
                 f"{naive['seconds']:.3f} | {fast['seconds']:.3f} | "
-                f"{naive['seconds'] / fast['seconds']:.2f}x |"
+                f"{naive['seconds'] / fast['seconds']:.2f}x | {share(gf, peak['fp32'])} |"
             )
     return "\n".join(out)
 

@@ -44,7 +44,11 @@ def variant_config(base: CFEBMConfig, variant: str) -> CFEBMConfig:
     return replace(
         base,
         model=replace(base.model, resolutions=(finest,)),
-        sampler=replace(base.sampler, steps=base.sampler.steps * base.model.num_stages),
+        sampler=replace(
+            base.sampler,
+            steps=base.sampler.chain_steps(base.model.num_stages - 1),
+            stage_steps=None,
+        ),
         train=replace(base.train, images={finest: 10**12}),  # stopped by the compute budget
     )
 

@@ -114,6 +114,10 @@ class SamplerConfig:
 
     steps: int = 30
     """K: Langevin steps per stage (CIFAR release: 15; CelebA/MNIST: 50)."""
+    stage_steps: list[int] | None = None
+    """K of each stage (stage 0 first; the last entry for any further stage), instead of
+    ``steps``: with frozen stage energies a fine stage starts from good images and may
+    need fewer steps, e.g. [30, 20, 10]. null: ``steps`` everywhere."""
     step_size: float = 1.0
     """eta in x <- x - eta * dE/dx + sigma * noise."""
     noise_start: float = 0.015
@@ -133,6 +137,13 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"sampler.steps must be >= 1, got {self.steps}")
+        if self.stage_steps is not None and (
+            not self.stage_steps or any(not isinstance(k, int) or k < 1 for k in self.stage_steps)
+        ):
+            raise ConfigError(
+                f"sampler.stage_steps must be a non-empty list of integers >= 1 or null, got "
+                f"{self.stage_steps}"
+            )
         if not (self.step_size > 0 and math.isfinite(self.step_size)):
             raise ConfigError(f"sampler.step_size must be positive, got {self.step_size}")
         if self.noise_start < 0 or self.noise_end < 0 or self.upsample_noise < 0:
@@ -143,6 +154,17 @@ class SamplerConfig:
             )
         if self.noise_span not in NOISE_SPANS:
             raise ConfigError(f"sampler.noise_span {self.noise_span!r} not in {NOISE_SPANS}")
+
+    def k(self, stage: int) -> int:
+        """Langevin steps of ``stage`` in the chain."""
+        if self.stage_steps:
+            return self.stage_steps[min(stage, len(self.stage_steps) - 1)]
+        return self.steps
+
+    def chain_steps(self, stage: int) -> int:
+        """Steps of a whole chain up to ``stage`` (also the length of the single-resolution
+        chain of ``coarse_to_fine: false``)."""
+        return sum(self.k(t) for t in range(stage + 1))
 
 
 def _default_batch() -> dict[int, int]:
@@ -183,6 +205,14 @@ class TrainConfig:
     and runs the stage's K steps; the rest start from noise, coarse to fine. {}: none."""
     replay_buffer: int = 10_000
     """Samples kept in a stage's replay buffer."""
+    coarse_bank: int = 0
+    """Speed (beyond the release): at a stage s > 0 the negatives' chains take their
+    coarse part, the finished stages' Langevin runs up to r_{s-1}, from a bank of this many
+    such runs drawn when the stage starts, and run only stage s's K steps per batch. The
+    finished energies are frozen, so the bank's samples have exactly the distribution of
+    the chains' coarse part (with the same noise schedule); a bank several times smaller
+    than the stage's images saves most of the coarse work. 0: every batch runs the whole
+    chain, as the paper does."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -203,6 +233,8 @@ class TrainConfig:
             raise ConfigError(f"train.replay shares must be in [0, 1]: {self.replay}")
         if self.replay_buffer < 1:
             raise ConfigError("train.replay_buffer must be >= 1")
+        if self.coarse_bank < 0:
+            raise ConfigError(f"train.coarse_bank must be >= 0, got {self.coarse_bank}")
         if not self.divergence_threshold > 0:
             raise ConfigError("train.divergence_threshold must be > 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -47,11 +47,13 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
+    pairs = parse_qsl(query, keep_blank_values=True) if query else []
+    if any(_SECRET_QUERY.search(k) for k, _ in pairs):
         query = urlencode(
             [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*"
         )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide: unchanged (urlunsplit would drop "////" of sqlite)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -52,7 +52,7 @@ def sample(
     if not cfg.coarse_to_fine:
         energy = energies[-1] if energies else FrozenEnergy(model.nets[s], beta, dtype)
         x = uniform_noise(n, model.cfg.channels, model.resolution(s), generator, device)
-        k = cfg.steps * (s + 1)
+        k = cfg.chain_steps(s)
         return sample_langevin(
             energy,
             x if x_init is None else x_init.to(device),
@@ -78,7 +78,7 @@ def sample(
         energies = stage_energies(model, s, beta, dtype, first_stage=first)
     else:
         energies = list(energies)[first : s + 1]
-    steps, noise = chain_schedules(cfg, len(energies))
+    steps, noise = chain_schedules(cfg, len(energies), first)
     return sample_coarse_to_fine(
         energies,
         x,
@@ -147,11 +147,11 @@ def chain_frames(
     gen = torch.Generator(device=device).manual_seed(seed)
     start = model.resolution(0 if sampler.coarse_to_fine else model.stage)
     x0 = uniform_noise(chains, model.cfg.channels, start, gen, device)
-    keep = {round(sampler.steps * j / per_stage) - 1 for j in range(1, per_stage)}
     frames = [x0]
 
     def callback(d: dict) -> None:
-        if d["k"] == -1 or d["k"] in keep:
+        k = sampler.k(d.get("stage", 0))
+        if d["k"] == -1 or d["k"] in {round(k * j / per_stage) - 1 for j in range(1, per_stage)}:
             frames.append(d["x"].detach().clone())
 
     sample(model, chains, sampler, beta=beta, generator=gen, x_init=x0, callback=callback)

@@ -27,23 +27,23 @@ def get_noise_scales_linear(n: int, start: float, end: float) -> torch.Tensor:
 
 
 def chain_schedules(
-    cfg: SamplerConfig, num_stages: int
+    cfg: SamplerConfig, num_stages: int, first: int = 0
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-stage (step sizes, noise scales) for a coarse-to-fine chain over ``num_stages``.
+    """Per-stage (step sizes, noise scales) for a coarse-to-fine chain over ``num_stages``
+    stages, the first being stage ``first`` (K_s steps each: ``cfg.k(s)``).
 
-    With ``noise_span="chain"`` the linear noise decay runs once over all
-    ``num_stages * steps`` steps (the release: 0.015 -> 0 over the whole chain); with
-    ``"stage"`` it restarts in every stage.
+    With ``noise_span="chain"`` the linear noise decay runs once over all the chain's
+    steps (the release: 0.015 -> 0 over the whole chain); with ``"stage"`` it restarts in
+    every stage.
     """
-    k = cfg.steps
+    ks = [cfg.k(first + i) for i in range(num_stages)]
     if cfg.noise_schedule == "constant":
-        noise = get_noise_scales_constant(k * num_stages, cfg.noise_start)
+        noise = list(get_noise_scales_constant(sum(ks), cfg.noise_start).split(ks))
     elif cfg.noise_span == "chain":
-        noise = get_noise_scales_linear(k * num_stages, cfg.noise_start, cfg.noise_end)
+        noise = list(get_noise_scales_linear(sum(ks), cfg.noise_start, cfg.noise_end).split(ks))
     else:
-        noise = get_noise_scales_linear(k, cfg.noise_start, cfg.noise_end).repeat(num_stages)
-    steps = get_step_sizes_constant(k, cfg.step_size)
-    return [steps] * num_stages, list(noise.split(k))
+        noise = [get_noise_scales_linear(k, cfg.noise_start, cfg.noise_end) for k in ks]
+    return [get_step_sizes_constant(k, cfg.step_size) for k in ks], noise
 
 
 def fade_beta(images_seen: int, fade_images: int, stage: int) -> float:

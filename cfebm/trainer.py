@@ -24,10 +24,11 @@ import torch.distributed as dist
 from .config import CFEBMConfig, ConfigError, TrainConfig, from_dict, to_dict
 from .flops import energy_grad_flops, loss_step_flops
 from .frozen import FrozenEnergy, stage_energies
+from .langevin import sample_coarse_to_fine, sample_langevin, upsample2x
 from .model import CoarseToFineEBM
 from .objective import contrastive_loss, divergence
 from .sampling import sample, uniform_noise
-from .schedules import fade_beta
+from .schedules import chain_schedules, fade_beta
 
 CHECKPOINT_FORMAT = "cfebm-checkpoint/2"
 
@@ -272,6 +273,7 @@ class Trainer:
             if r not in self.source:
                 raise ValueError(f"no source images at resolution {r} (have {sorted(self.source)})")
             self.source_batches = EpochBatches(self.source[r], batch, self.data_gen)
+        self.bank: torch.Tensor | None = None  # drawn on first use (train.coarse_bank)
         share = self.cfg.train.replay.get(r, 0.0)
         self.replay = None
         if share > 0:
@@ -319,16 +321,20 @@ class Trainer:
         if self.source_batches is not None:
             x_init = self.source_batches.next().float().to(self.device) / 127.5 - 1.0
         k = 0 if self.replay is None else round(cfg.train.replay.get(self.resolution, 0.0) * n)
-        fresh = sample(
-            self.model,
-            n - k,
-            cfg.sampler,
-            beta=self.beta,
-            generator=self.sample_gen,
-            x_init=None if x_init is None else x_init[k:],
-            energies=energies,
-        )
-        self._count_chain(n - k, 1 if x_init is not None else len(energies))
+        banked = cfg.train.coarse_bank and self.coarse and cfg.sampler.coarse_to_fine
+        if x_init is None and banked:
+            fresh = self._from_bank(n - k, energies[-1])
+        else:
+            fresh = sample(
+                self.model,
+                n - k,
+                cfg.sampler,
+                beta=self.beta,
+                generator=self.sample_gen,
+                x_init=None if x_init is None else x_init[k:],
+                energies=energies,
+            )
+            self._count_chain(n - k, 1 if x_init is not None else len(energies))
         if k == 0:
             return fresh
         idx = torch.randint(len(self.replay), (k,), generator=self.sample_gen, device=self.device)
@@ -347,12 +353,51 @@ class Trainer:
         self.replay[slots.to(self.device)] = fresh
         return torch.cat([replayed, fresh])
 
+    def _from_bank(self, n: int, energy: FrozenEnergy) -> torch.Tensor:
+        """n chains whose coarse part comes from the bank (train.coarse_bank), then stage
+        s's own K steps with its segment of the whole chain's schedule."""
+        sampler, s = self.cfg.sampler, self.model.stage
+        steps, noise = chain_schedules(sampler, s + 1)
+        clamp = (-1.0, 1.0) if sampler.clamp else None
+        if self.bank is None:
+            size, c = self.cfg.train.coarse_bank, self.cfg.model.channels
+            parts = []
+            for start in range(0, size, 256):
+                x0 = uniform_noise(
+                    min(256, size - start),
+                    c,
+                    self.model.resolution(0),
+                    self.sample_gen,
+                    self.device,
+                )
+                parts.append(
+                    sample_coarse_to_fine(
+                        self.coarse, x0, steps[:s], noise[:s], generator=self.sample_gen,
+                        upsample_noise=sampler.upsample_noise, clamp=clamp,
+                    )
+                )  # fmt: skip
+            self.bank = torch.cat(parts)  # [size, c, r_{s-1}, r_{s-1}]
+            coarse = sum(self._grad_flops[t] * sampler.k(t) for t in range(s))
+            self.state.flops += coarse * size * self.world_size
+        idx = torch.randint(len(self.bank), (n,), generator=self.sample_gen, device=self.device)
+        x = upsample2x(self.bank[idx])
+        if sampler.upsample_noise > 0:
+            x = x + sampler.upsample_noise * torch.randn(
+                x.shape, generator=self.sample_gen, device=x.device, dtype=x.dtype
+            )
+            if clamp is not None:
+                x = x.clamp(*clamp)
+        self._count_chain(n, 1)
+        return sample_langevin(
+            energy, x, steps[s], noise[s], generator=self.sample_gen, clamp=clamp
+        )
+
     def _count_chain(self, n: int, stages: int) -> None:
-        k = self.cfg.sampler.steps
-        if not self.cfg.sampler.coarse_to_fine:
-            flops = self._grad_flops[-1] * k * (self.model.stage + 1)
+        sampler, s = self.cfg.sampler, self.model.stage
+        if not sampler.coarse_to_fine:
+            flops = self._grad_flops[-1] * sampler.chain_steps(s)
         else:
-            flops = sum(self._grad_flops[-stages:]) * k
+            flops = sum(self._grad_flops[t] * sampler.k(t) for t in range(s + 1 - stages, s + 1))
         self.state.flops += flops * n * self.world_size
 
     def step(self, batch: torch.Tensor | None = None) -> StepResult:
@@ -422,6 +467,7 @@ class Trainer:
             "batches": self.batches.state_dict(),
             "source_batches": self.source_batches.state_dict() if self.source_batches else None,
             "replay": None if self.replay is None else self.replay.clone(),
+            "bank": None if self.bank is None else self.bank.clone(),
             "rng": {
                 "global": rng_state(),
                 "data": self.data_gen.get_state(),
@@ -445,6 +491,8 @@ class Trainer:
             self.source_batches.load_state_dict(ckpt["source_batches"])
         if self.replay is not None and ckpt.get("replay") is not None:
             self.replay = ckpt["replay"].to(self.device)
+        bank = ckpt.get("bank")
+        self.bank = None if bank is None else bank.to(self.device)
         set_rng_state(ckpt["rng"]["global"])
         self.data_gen.set_state(ckpt["rng"]["data"])
         self.sample_gen.set_state(ckpt["rng"]["sample"])

@@ -69,6 +69,9 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     # Ray runs its workers at nice 15: on a machine shared with other work the training
     # would then get a fraction of the CPU that the same loop gets outside Ray.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # The preemption watcher (one more actor process per training run) serves spot
+    # instances of a cloud cluster, not a Ray on this machine.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     ray.init(
         address="local",
@@ -81,7 +84,12 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     return f"started a local Ray with {cpus} CPU(s) (set RAY_ADDRESS to use a cluster)"
 
 
-_LOCAL_ENV = ("RAY_GCS_SERVER_PORT", "RAY_worker_niceness", "RAY_ADDRESS")
+_LOCAL_ENV = (
+    "RAY_GCS_SERVER_PORT",
+    "RAY_worker_niceness",
+    "RAY_ADDRESS",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+)
 _ENV_SET: dict[str, str | None] = {}
 
 

@@ -195,3 +195,22 @@ def test_schedules():
     assert fade_beta(0, 100, 1) == 0.0
     assert fade_beta(25, 100, 1) == 0.25
     assert fade_beta(500, 100, 2) == 1.0
+
+
+def test_stage_steps_give_each_stage_its_own_chain_length():
+    torch.manual_seed(0)
+    cfg = ModelConfig(channels=1, resolutions=(4, 8, 16), base_width=4)
+    model = grown(cfg, 2)
+    sampler = SamplerConfig(steps=9, stage_steps=[5, 3, 2], noise_start=0.02)
+    steps, noise = chain_schedules(sampler, 3)
+    assert [len(s) for s in steps] == [5, 3, 2] and [len(n) for n in noise] == [5, 3, 2]
+    whole = torch.cat(noise)  # one linear decay over the 10 steps of the whole chain
+    assert torch.allclose(whole, get_noise_scales_linear(10, 0.02, 0.0))
+    # a chain that starts at 8x8 (stage 1) takes the K of stages 1 and 2
+    assert [len(s) for s in chain_schedules(sampler, 2, first=1)[0]] == [3, 2]
+    seen = []
+    sample(model, 2, sampler, callback=lambda d: seen.append((d["stage"], d["k"])))
+    assert [sum(1 for s, k in seen if s == t and k >= 0) for t in range(3)] == [5, 3, 2]
+    assert sampler.chain_steps(2) == 10 and sampler.k(7) == 2  # the last entry goes on
+    with pytest.raises(ValueError, match="stage_steps"):
+        SamplerConfig(stage_steps=[3, 0])

@@ -3,6 +3,7 @@ schedule, exact resume, checkpoints, divergence rollbacks, best-model selection,
 buffers, compute counting; the hooks a worker, a trial or a script plugs in."""
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -372,3 +373,52 @@ def test_train_config_validation_and_lookup():
 def test_missing_resolution_is_a_clear_error():
     with pytest.raises(ValueError, match="no training images at resolution 4"):
         Trainer(tiny_cfg(), {16: torch.zeros(4, 1, 16, 16)})
+
+
+def test_chain_compute_counts_each_stages_own_steps():
+    from cfebm.flops import energy_grad_flops
+    from cfebm.frozen import FrozenEnergy
+
+    def step_flops(sampler) -> tuple[float, Trainer]:
+        cfg = replace(tiny_cfg(images={4: 8}), sampler=sampler)
+        t = Trainer(cfg, pyramid())
+        fit(t, max_steps=1)  # stage 0
+        t.advance_stage()
+        before = t.state.flops
+        t.step()
+        return t.state.flops - before, t
+
+    uniform, t = step_flops(SamplerConfig(steps=4))
+    fewer, _ = step_flops(SamplerConfig(steps=4, stage_steps=[4, 1]))
+    c, n = t.cfg.model.channels, t.cfg.train.batch_for(8)
+    g1 = energy_grad_flops(FrozenEnergy(t.model.current), (c, 8, 8))
+    assert uniform - fewer == pytest.approx(3 * g1 * n)  # 3 fewer steps at 8x8 per image
+
+
+def test_coarse_bank_is_drawn_once_per_stage_counted_and_resumes_exactly(tmp_path):
+    cfg = tiny_cfg(images={4: 8}, coarse_bank=20)
+    data = pyramid()
+    t = Trainer(cfg, data)
+    fit(t, max_steps=1)  # stage 0: no bank (nothing is finished yet)
+    assert t.bank is None
+    t.advance_stage()
+    t.step()
+    bank = t.bank
+    assert bank.shape == (20, 1, 4, 4)  # the finished stage's chain output, at 4x4
+    before = t.state.flops
+    t.step()
+    assert t.bank is bank  # drawn once for the stage
+    g = t._grad_flops
+    per_step = g[1] * cfg.sampler.k(1) * 8 + t._loss_flops * 2 * 8  # stage 1's steps only
+    assert t.state.flops - before == pytest.approx(per_step)
+    save_checkpoint(t.state_dict(), str(tmp_path / "c.pt"))
+    fit(t, max_steps=3)
+    resumed = Trainer.from_checkpoint(load_checkpoint(str(tmp_path / "c.pt")), data)
+    assert torch.equal(resumed.bank, bank)
+    fit(resumed, max_steps=3, resumed=True)
+    a, b = params_of(t), params_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.state == t.state
+    t.advance_stage()
+    assert t.bank is None  # a new stage draws its own (at 8x8) on first use
+    with pytest.raises(ConfigError, match="coarse_bank"):
+        TrainConfig(coarse_bank=-1)

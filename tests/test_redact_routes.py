@@ -115,3 +115,11 @@ def test_redaction_rules():
         "AWS_ENDPOINT_URL": "http://h",
         "CFEBM_STORAGE": "s3://b",
     }
+
+
+def test_urls_without_secrets_are_left_exactly_as_they_are():
+    from cfebm.redact import redact_url
+
+    for url in ("sqlite:////tmp/x/mlflow.db", "file:///a/b", "s3://b/k?versionId=3",
+                "http://127.0.0.1:5000", "memory://cfebm/x"):  # fmt: skip
+        assert redact_url(url) == url

@@ -141,9 +141,22 @@ def test_local_storage_is_refused_on_a_multi_node_cluster():
     ray_utils.check_paths(3, {"x": "s3://bucket/runs"}, shared_filesystem=False)
 
 
-def test_workers_get_object_store_and_tracking_settings_only():
-    env = {"AWS_ENDPOINT_URL": "x", "MLFLOW_TRACKING_TOKEN": "t", "HOME": "/root", "PATH": "p"}
-    assert ray_utils.worker_env(env) == {"AWS_ENDPOINT_URL": "x", "MLFLOW_TRACKING_TOKEN": "t"}
+def test_workers_get_object_store_and_tracking_settings_but_no_credential():
+    env = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "AKIA-planted",
+        "AWS_SECRET_ACCESS_KEY": "planted-secret",
+        "MLFLOW_TRACKING_URI": "http://user:pw@mlflow:5000",
+        "MLFLOW_TRACKING_TOKEN": "planted-token",
+        "HOME": "/root",
+        "PATH": "p",
+    }
+    # Ray records a job's and its workers' environment: credentials reach the workers
+    # through their nodes' own environment, never through Ray.
+    assert ray_utils.worker_env(env) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "MLFLOW_TRACKING_URI": "http://user:***@mlflow:5000",
+    }
 
 
 def test_a_local_dataset_is_staged_to_remote_storage_for_a_cluster(tmp_path, s3_env):

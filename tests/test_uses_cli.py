@@ -161,7 +161,11 @@ def test_translate_cli_trains_writes_and_resumes(shapes_data, tmp_path):
     again = run("translate", *args)  # the same config and data: continues the finished run
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
-    assert json.loads((out / "translate.json").read_text())["train_steps"] == 0
+    # nothing more to train: the same model, and the metrics count the model's steps
+    assert json.loads((out / "translate.json").read_text())["train_steps"] == 8 + 12
+    same = model_from_checkpoint(load_checkpoint(str(out / "model.pt")))
+    for (k, a), b in zip(model.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_translation_fid_and_kid_against_the_target_domain(

@@ -92,40 +92,11 @@ if ((${#overlays[@]} + ${#sets[@]})); then
 		echo "run_pipeline: refusing to edit params.yaml in a git checkout; use 'dvc exp run --set-param'" >&2
 		exit 2
 	}
-	python - "${#overlays[@]}" "${overlays[@]}" "${sets[@]}" <<-'EOF'
-		import sys
-		import yaml
-
-		def merge(base, over):
-		    """Nested mappings merge key by key; tables keyed by resolution are replaced."""
-		    for key, value in over.items():
-		        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in ("batch_size", "lr"):
-		            merge(base[key], value)
-		        else:
-		            base[key] = value
-		    return base
-
-		n = int(sys.argv[1])
-		overlays, sets = sys.argv[2 : 2 + n], sys.argv[2 + n :]
-		with open("params.yaml") as f:
-		    params = yaml.safe_load(f) or {}
-		for path in overlays:
-		    with open(path) as f:
-		        merge(params, yaml.safe_load(f) or {})
-		    print(f"run_pipeline: params.yaml <- {path}")
-		for item in sets:
-		    key, sep, value = item.partition("=")
-		    if not sep:
-		        sys.exit(f"run_pipeline: --set wants KEY=VALUE, got {item!r}")
-		    *path, last = key.split(".")
-		    node = params
-		    for part in path:
-		        node = node.setdefault(part, {})
-		    node[last] = yaml.safe_load(value)
-		    print(f"run_pipeline: {key} = {node[last]!r}")
-		with open("params.yaml", "w") as f:
-		    yaml.safe_dump(params, f, sort_keys=False)
-	EOF
+	args=()
+	for overlay in "${overlays[@]}"; do args+=(--overlay "$overlay"); done
+	for item in "${sets[@]}"; do args+=(--set "$item"); done
+	# The same merge as `make run PRESET=...` (pipelines/run.py).
+	python -m pipelines.run --params-only "${args[@]}"
 fi
 
 # A copy without .git: DVC runs without an SCM (it still writes dvc.lock).

@@ -80,14 +80,51 @@ def apply_preset(name: str, data: str | None) -> str:
     return header.strip()
 
 
+def overlay_params(overlays: list[str], sets: list[str], log=print) -> None:
+    """Rewrite params.yaml: each YAML file of ``overlays`` laid over it in turn (as a preset
+    is, :func:`merge`), then each ``KEY=VALUE`` of ``sets`` (a dotted key, a YAML value).
+    For throwaway copies of the project (a cluster job's working directory)."""
+    with open(PARAMS) as f:
+        params = yaml.safe_load(f) or {}
+    for path in overlays:
+        if not os.path.exists(path):
+            sys.exit(f"run: error: no params overlay {path}")
+        with open(path) as f:
+            params = merge(params, yaml.safe_load(f) or {})
+        log(f"run: {PARAMS} <- {path}")
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"run: error: --set wants KEY=VALUE, got {item!r}")
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+        log(f"run: {key} = {node[last]!r}")
+    with open(PARAMS, "w") as f:
+        yaml.safe_dump(params, f, sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.run", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--preset", help="presets/<PRESET>.yaml over the default settings")
     p.add_argument("--data", help="the preset's data: prepare.url (a path or fsspec URL)")
+    p.add_argument("--overlay", action="append", default=[], help="YAML laid over params.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets")
+    p.add_argument(
+        "--params-only", action="store_true", help="write params.yaml (overlays, sets), no run"
+    )
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
+    if args.overlay or args.sets or args.params_only:
+        if args.preset or args.data:
+            sys.exit("run: error: --overlay/--set are for job copies; not with a preset")
+        overlay_params(args.overlay, args.sets)
+        if args.params_only:
+            return 0
     if args.preset:
         print(f"run: {apply_preset(args.preset, args.data)}", flush=True)
     elif args.data:

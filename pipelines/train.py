@@ -174,10 +174,14 @@ class TrainStage:
             )
         for s, item in enumerate(self.stages):
             after = self.data if s == 0 else self.model_path(s - 1)
-            if item.get("stage") != s or _norm(item.get("after")) != _norm(after):
+            # Stage 0 may instead run after the selection's features (which the last
+            # stage needs; the pyramid is a dependency of every stage anyway).
+            allowed = {_norm(after)} | ({_norm(self.selection.features)} if s == 0 else set())
+            if item.get("stage") != s or _norm(item.get("after")) not in allowed:
                 raise ConfigError(
                     f"train.stages[{s}] is {item}; expected {{stage: {s}, after: {after}}} "
-                    "(stage 0 runs after the pyramid, stage s after stage s-1's model)"
+                    "(stage 0 runs after the pyramid, or after train.selection.features, "
+                    "stage s after stage s-1's model)"
                 )
 
     def config(self) -> CFEBMConfig:
@@ -208,6 +212,15 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     store = PyramidStore(opts.data, opts.data_storage_options)
     cfg = check_training_data(opts.config(), store, stage)
     per_worker(cfg, opts.ray.workers)
+    sel = opts.selection
+    if stage == cfg.model.num_stages - 1 and sel.every_images > 0:
+        weights = sel.features if sel.extractor == "domain" else sel.inception_weights
+        if weights and not cio.exists(weights):
+            raise ConfigError(
+                f"train.selection scores the last stage with {sel.extractor!r} weights "
+                f"{weights}, which do not exist yet: run the stage that writes them first "
+                "(dvc repro features), or set train.selection.every_images: 0"
+            )
     inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
     previous = None
     if stage > 0:
@@ -216,6 +229,15 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
         )
     blob = json.dumps({"stage": stage, "config": asdict(cfg), "inputs": inputs}, sort_keys=True)
     return cfg, previous, hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def selection_features(opts: TrainStage, stage: int, cfg: CFEBMConfig) -> bytes | None:
+    """The bytes of the domain extractor that scores the last stage (None: no selection,
+    or another extractor)."""
+    sel = opts.selection
+    if stage != cfg.model.num_stages - 1 or sel.every_images <= 0 or sel.extractor != "domain":
+        return None
+    return cio.read_bytes(sel.features)
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -258,6 +280,9 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
         "config": cfg,
         "data_url": place.data_url,
         "previous": previous,
+        # The selection's feature extractor, as bytes: a worker on another node has no copy
+        # of the driver's local files (the weights are small; Inception's come by URL).
+        "features": selection_features(opts, stage, cfg),
         "tracking_uri": track.uri if track else None,
         "run_id": track.run_id if track else None,
     }
@@ -465,7 +490,11 @@ def train_loop_per_worker(job: dict) -> dict:
         if last and rank == 0:  # (the metrics libraries load only where they are used)
             from cfebm.evaluate import score_hook
 
-            score = score_hook(opts.selection, store, r)
+            path = None
+            if job["features"] is not None:
+                path = os.path.join(tempfile.mkdtemp(prefix="cfebm-features-"), "features.pt")
+                cio.write_bytes(path, job["features"])
+            score = score_hook(opts.selection, store, r, features=path)
         else:
             score = None
     except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again

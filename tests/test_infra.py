@@ -7,8 +7,11 @@ Dockerfiles' build context, the shell scripts' syntax, and the RayJob entrypoint
 `make submit`'s default command run against a copy of this project with DVC stubbed.
 
 End to end (slow, real processes): `infra/local/cluster.sh up` (two Ray nodes, moto S3,
-MLflow server), the smoke pipeline submitted through the Ray Jobs API, its outputs read back
-from S3 and the tracking server, then `down`, after which no process of it may be left.
+MLflow server), the cifar10-smoke preset (the paper's CIFAR-10 pipeline at smoke size: RGB,
+the release network, 8 -> 16 -> 32, the last stage's model selected by FID) on a CIFAR-10
+archive in the real format on that S3, submitted through the Ray Jobs API; its outputs read
+back from S3 and the tracking server, then `down`, after which no process of it may be left.
+(The digits smoke pipeline runs end to end in tests/test_train_dvc.py.)
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ def stub_project(tmp_path) -> tuple[str, str, list[str]]:
     fake `dvc` on PATH that records its arguments. Returns (root, env PATH, dvc log path)."""
     root = str(tmp_path / "project")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("cfebm", "pipelines", "infra", "tests"):
+    for name in ("cfebm", "pipelines", "infra", "tests", "presets"):
         shutil.copytree(os.path.join(REPO, name), os.path.join(root, name), ignore=ignore)
     os.mkdir(os.path.join(root, ".dvc"))
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".dvc/config"):
@@ -318,6 +321,23 @@ def test_submit_default_is_the_smoke_pipeline_on_cluster_storage(tmp_path):
     assert params["train"]["ray"]["storage"] == "s3://b/c/checkpoints"
     assert "repro --pull" in calls
     train_dry_run(root)
+
+
+def test_a_preset_over_the_smoke_settings_is_merged_as_make_run_merges_it(tmp_path):
+    cmd = (
+        "bash infra/run_pipeline.sh --smoke --overlay presets/cifar10-smoke.yaml "
+        "--set prepare.url=s3://b/cifar.tar.gz --set 'train.ray.resources_per_worker={CPU: 1}'"
+    )
+    root, params, calls = run_in_stub(cmd, tmp_path)
+    preset = load(os.path.join(REPO, "presets", "cifar10-smoke.yaml"))
+    for key in ("batch_size", "lr", "images"):  # tables by resolution: the preset's, whole
+        assert params["train"]["optim"][key] == preset["train"]["optim"][key], key
+    assert params["train"]["ray"] | {"workers": 2} == params["train"]["ray"]
+    assert params["train"]["ray"]["resources_per_worker"] == {"CPU": 1}
+    assert params["prepare"]["url"] == "s3://b/cifar.tar.gz"
+    assert calls == ["config --local core.no_scm true", "repro"]
+    resolved = train_dry_run(root)
+    assert resolved["model"]["resolutions"] == [8, 16, 32]
 
 
 def test_run_pipeline_refuses_to_edit_a_git_checkout(tmp_path):
@@ -528,8 +548,14 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
         assert up.returncode == 0, "cluster.sh up failed"
         t_up = time.monotonic() - t0
 
+        cluster_env = read_env(os.path.join(state, "env"))
+        archive = upload_cifar_archive(cluster_env)
+        command = [
+            "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
+            "--set", f"prepare.url={archive}", "--set", "train.ray.resources_per_worker={CPU: 1}",
+        ]  # fmt: skip
         submit = subprocess.run(
-            [os.path.join(INFRA, "local", "submit.sh")], cwd=REPO, env=env,
+            [os.path.join(INFRA, "local", "submit.sh"), "--", *command], cwd=REPO, env=env,
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         t_job = time.monotonic() - t0 - t_up
@@ -539,9 +565,9 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
         assert "succeeded" in log
         # Two training workers, one per Ray node, both reading their shards from S3.
         assert "[rank 0/2]" in log and "[rank 1/2]" in log
+        assert "images at 32x32" in log
 
-        cluster_env = read_env(os.path.join(state, "env"))
-        check_outputs(cluster_env)
+        check_outputs(cluster_env, stages=3)
         print(f"timings: up {t_up:.0f}s, smoke pipeline {t_job:.0f}s")
     except BaseException:
         print_logs(state)
@@ -568,7 +594,29 @@ def read_env(path: str) -> dict[str, str]:
     return out
 
 
-def check_outputs(cluster_env: dict[str, str]) -> None:
+def upload_cifar_archive(cluster_env: dict[str, str]) -> str:
+    """A small CIFAR-10 python archive (1,200 training, 200 test images) on the cluster's
+    S3; returns its URL."""
+    import numpy as np
+    import s3fs
+    from data_fixtures import cifar_batch, write_cifar_archive
+
+    rng = np.random.default_rng(0)
+    local = os.path.join(tempfile.mkdtemp(prefix="cfebm-cifar"), "cifar-10-python.tar.gz")
+    names = [f"class{i}" for i in range(10)]
+    write_cifar_archive(local, [cifar_batch(rng, 600), cifar_batch(rng, 600)],
+                        cifar_batch(rng, 200), names)  # fmt: skip
+    fs = s3fs.S3FileSystem(
+        key=cluster_env["AWS_ACCESS_KEY_ID"], secret=cluster_env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=cluster_env["AWS_ENDPOINT_URL"], skip_instance_cache=True,
+    )  # fmt: skip
+    url = f"{cluster_env['CFEBM_STORAGE'].rstrip('/')}/source/cifar-10-python.tar.gz"
+    fs.put(local, url.removeprefix("s3://"))
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    return url
+
+
+def check_outputs(cluster_env: dict[str, str], stages: int) -> None:
     """Everything the run produced is on the cluster's S3 and tracking server."""
     import s3fs
     from mlflow import MlflowClient
@@ -583,15 +631,21 @@ def check_outputs(cluster_env: dict[str, str]) -> None:
     assert fs.find(f"{storage}/dvc/files/md5"), "nothing pushed to the DVC remote"
     assert fs.find(f"{storage}/dvc/runs"), "no run cache pushed"
     # Ray Train checkpoints of both stages.
-    stages = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{storage}/checkpoints"))
-    assert [s.split("-")[0] for s in stages if s.startswith("stage")] == ["stage0", "stage1"]
-    for s in (s for s in stages if s.startswith("stage")):
-        assert any("checkpoint" in p for p in fs.ls(f"{storage}/checkpoints/{s}")), s
+    runs = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{storage}/checkpoints"))
+    trained = [r.split("-")[0] for r in runs if r.startswith("stage")]
+    assert trained == [f"stage{s}" for s in range(stages)], runs
+    for r in (r for r in runs if r.startswith("stage")):
+        assert any("checkpoint" in p for p in fs.ls(f"{storage}/checkpoints/{r}")), r
     # MLflow: the server answers, the stage runs finished, their artifacts are on S3.
     client = MlflowClient(tracking_uri=cluster_env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("cfebm")
-    runs = client.search_runs([experiment.experiment_id])
-    names = {r.info.run_name: r.info.status for r in runs}
-    assert [n for n in names if n.startswith("stage")], names
+    found = client.search_runs([experiment.experiment_id])
+    names = {r.info.run_name: r.info.status for r in found}
+    assert {"stage0-8x8", "stage1-16x16", "stage2-32x32"} <= set(names), names
+    # The last stage scored by FID in the features stage's space (at least twice: its curve
+    # against steps), and the registered model.
+    (last,) = (r for r in found if r.info.run_name == "stage2-32x32")
+    assert len(client.get_metric_history(last.info.run_id, "fid_cfebm-cifar10-cnn")) >= 2
+    assert client.get_model_version_by_alias("cfebm-cifar10", "latest")
     assert all(status == "FINISHED" for status in names.values()), names
     assert fs.find(f"{bucket}/mlflow"), "no MLflow artifacts on S3"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 import signal
@@ -16,6 +15,8 @@ import urllib.request
 
 import yaml
 
+from pipelines.run import merge  # the merge of presets and overlays
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SMOKE = os.path.join(REPO, "tests", "params_smoke.yaml")
@@ -27,23 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("batch_size", "lr"):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def smoke_params(**train_changes) -> dict:
     """params.yaml merged with tests/params_smoke.yaml and then ``train_changes``."""
     with open(os.path.join(REPO, "params.yaml")) as f:
         params = yaml.safe_load(f)
     with open(SMOKE) as f:
-        params = deep_merge(params, yaml.safe_load(f))
-    params["train"] = deep_merge(params["train"], train_changes)
+        params = merge(params, yaml.safe_load(f))
+    params["train"] = merge(params["train"], train_changes)
     return params
 
 

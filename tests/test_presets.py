@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from cfebm.config import from_dict
 from pipelines import run as launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,11 @@ def test_each_preset_gives_valid_training_options(checkout, name):
         assert params["train"]["optim"][key] == preset["train"]["optim"][key], key
     assert params["train"]["stages"] == preset["train"]["stages"]
     assert params["train"]["model"]["network"] == "release"
+    # The release's chain: K steps in every stage, every batch (no per-stage K, no bank).
+    cfg = from_dict({"sampler": params["train"]["sampler"], "train": params["train"]["optim"]})
+    k = preset["train"]["sampler"]["steps"]
+    assert [cfg.sampler.k(s) for s in range(3)] == [k, k, k]
+    assert cfg.train.coarse_bank == 0
     # The defaults that the preset leaves alone stay.
     assert (
         params["train"]["loop"]["max_rollbacks"]

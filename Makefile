@@ -82,8 +82,12 @@ browser:
 	command -v chromium >/dev/null || { apt-get install -y -q --no-install-recommends chromium \
 		|| { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; }
 
+# The suite waits on services more than it computes (Ray start-up, servers, polling), so
+# three pytest workers share the two cores; each test file stays on one worker
+# (module-scoped runs are made once), the slow end-to-end files first (tests/conftest.py).
+PYTEST_WORKERS ?= 3
 test: $(STAMP) browser
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.run

@@ -7,8 +7,8 @@ For every stage of a preset (its network, sampler and batch sizes laid over para
 as ``make run PRESET=...`` lays them), a few training iterations on synthetic images of the
 stage's resolution are timed after one warm-up iteration, in a fresh process per preset:
 seconds per iteration (coarse-to-fine chain through every stage, loss, Adam step) and the
-process's peak resident memory. The stage's iterations are its image budget (fade + stable,
-or ``images``) divided by its batch; ``hours`` is their product: an extrapolation from
+process's peak resident memory. The stage's iterations are its image budget (the trainer's
+``stage_budget``) divided by its batch; ``hours`` is their product: an extrapolation from
 the measured iterations, labelled as such, not a measured run (evaluation, data loading
 and Ray start-up are not in it).
 """
@@ -46,15 +46,6 @@ def preset_train_section(name: str) -> dict:
     return params["train"]
 
 
-def stage_images(optim, stage: int, resolution: int) -> int:
-    """The images stage ``stage`` trains on (what its schedule says)."""
-    if resolution in optim.images:
-        return int(optim.images[resolution])
-    if stage == 0:
-        return int(optim.stable_images)
-    return int(optim.fade_images + optim.stable_images)
-
-
 def measure(name: str, steps: int, device: str) -> list[dict]:
     """Rows (one per stage) of seconds per iteration for preset ``name``."""
     train = preset_train_section(name)
@@ -76,7 +67,7 @@ def measure(name: str, steps: int, device: str) -> list[dict]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
-        total = stage_images(cfg.train, stage, r)
+        total = trainer.stage_budget
         iterations = -(-total // batch)
         rows.append(
             {

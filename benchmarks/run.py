@@ -16,6 +16,7 @@ BENCHMARKS = (
     "benchmarks.langevin",
     "benchmarks.pyramid",
     "benchmarks.train_throughput",
+    "benchmarks.presets",
 )
 """Module names, run in this order; add new benchmarks here."""
 

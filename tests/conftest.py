@@ -9,6 +9,23 @@ import uuid
 
 import pytest
 
+LONGEST = ("test_infra.py", "test_train_dvc.py", "test_train_cluster.py", "test_tune.py")
+"""The longest files (each 1.5-5 minutes; see ``--durations``), longest first."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the other files with slow (end-to-end) tests, then the
+    rest, each file's tests in their order: with ``-n N --dist loadfile`` (``make test``)
+    the long files start at once on their own workers and the quick ones fill the gaps."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> int:
+        if item.path.name in LONGEST:
+            return LONGEST.index(item.path.name)
+        return len(LONGEST) + (item.path not in slow)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
 
 def _free_port() -> int:
     with socket.socket() as s:

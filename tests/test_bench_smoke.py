@@ -122,3 +122,20 @@ def test_run_skips_a_missing_benchmark(capsys):
     assert bench_run.run_one("benchmarks.not_written_yet") is True
     assert "not present, skipped" in capsys.readouterr().out
     assert bench_run.main(["not_written_yet"]) == 0
+
+
+def test_preset_costs_are_measured_per_stage_and_extrapolated():
+    cmd = [sys.executable, "-m", "benchmarks.presets", "--presets", "cifar10-smoke", "--steps", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()]
+    rows = [[c.strip() for c in r] for r in rows if r and r[0].strip() == "cifar10-smoke"]
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        ("0", "8", "32"),
+        ("1", "16", "32"),
+        ("2", "32", "16"),
+    ]
+    for r in rows:
+        seconds, iterations, hours = float(r[4]), int(r[6].replace(",", "")), float(r[7])
+        assert seconds > 0 and hours == pytest.approx(seconds * iterations / 3600, abs=0.01)
+    assert [r[5] for r in rows] == ["512", "512", "768"]  # the preset's image budgets

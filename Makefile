@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 PYTEST_ARGS ?=
 
-.PHONY: setup lock browser readme-images run tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
+.PHONY: setup lock browser readme-images run serve tune ablation submit cluster-up cluster-down compare test bench lint format ui clean
 
 # The environment is the one CI passed with: every package pinned in requirements.lock,
 # installed by uv (several times faster than pip; pip if uv cannot be had), then this
@@ -76,6 +76,13 @@ cluster-down:
 COMPARE_ARGS ?=
 compare: $(STAMP)
 	$(BIN)/python -m pipelines.compare $(COMPARE_ARGS)
+
+# The registered model over HTTP (POST /invocations; see README, "Serving the energy").
+MODEL ?= models:/cfebm-digits@latest
+SERVE_PORT ?= 5001
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
+		mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # The MLflow UI test drives Debian's headless Chromium (no browser download).
 browser:

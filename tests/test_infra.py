@@ -30,6 +30,7 @@ import time
 
 import pytest
 import yaml
+from train_fixtures import train_dry_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFRA = os.path.join(REPO, "infra")
@@ -278,18 +279,6 @@ def run_in_stub(cmd: str, tmp_path, **env) -> tuple[str, dict, list[str]]:
     with open(log) as f:
         calls = f.read().splitlines()
     return root, load(os.path.join(root, "params.yaml")), calls
-
-
-def train_dry_run(root: str) -> dict:
-    """`python -m pipelines.train --dry-run` on the copy's params: the stage accepts them."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--params", "params.yaml", "--stage", "0",
-         "--dry-run"],
-        cwd=root, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": root},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    return yaml.safe_load(done.stdout)
 
 
 def test_rayjob_entrypoint_runs_dvc_repro_with_valid_params(tmp_path):

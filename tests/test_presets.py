@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
+from train_fixtures import train_dry_run
 
 from cfebm.config import from_dict
 from pipelines import run as launcher
@@ -62,14 +62,7 @@ def test_each_preset_gives_valid_training_options(checkout, name):
         == load(f"{REPO}/params.yaml")["train"]["loop"]["max_rollbacks"]
     )
     # The training stage accepts the result (types and values checked, as in a run).
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--params", "params.yaml", "--stage", "0",
-         "--dry-run"],
-        capture_output=True, text=True, cwd=checkout, timeout=120,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    resolved = yaml.safe_load(done.stdout)
+    resolved = train_dry_run(str(checkout), code=REPO)
     assert resolved["model"]["resolutions"] == preset["train"]["model"]["resolutions"]
 
 

@@ -59,6 +59,19 @@ def registered_steps(root) -> list[int]:
     return steps
 
 
+def answers(url: str):
+    """A probe for :func:`wait_for`: True once ``url`` answers 200."""
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    return probe
+
+
 RAY_TMP = ray_tmpdir()
 LOGS: list[str] = []
 """The console output of every run of the module (grepped for the planted secrets)."""
@@ -185,15 +198,7 @@ def test_the_registered_model_serves_energies(killed_and_resumed, tmp_path):
                    MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, 180, "mlflow models serve", interval=0.5, proc=server)
+        wait_for(answers(f"{url}/ping"), 180, "mlflow models serve", interval=0.5, proc=server)
         digits = np.asarray(PyramidStore(f"{root}/data/pyramid").read("test", 8)[:64])
         noise = np.random.default_rng(0).integers(0, 256, digits.shape, dtype=np.uint8)
         energies = {}
@@ -283,15 +288,7 @@ def test_the_mlflow_ui_lists_the_runs_and_compares_two_pipelines(
                 "--workers", "1"], root, str(tmp_path / "ui.log"))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, 120, "mlflow ui", interval=0.5, proc=ui)
+        wait_for(answers(f"{url}/health"), 120, "mlflow ui", interval=0.5, proc=ui)
         # The experiment opens on its training runs (not on the GenAI traces overview),
         # with the pipeline runs as the rows (their stage runs nested under them).
         page = _rendered(f"{url}/#/experiments/{exp.experiment_id}/runs", tmp_path)

@@ -170,3 +170,17 @@ class MlflowServer:
 def ray_tmpdir() -> str:
     """A short temp folder for Ray (its socket paths must stay under 108 characters)."""
     return tempfile.mkdtemp(prefix="rt", dir="/tmp")
+
+
+def train_dry_run(root: str, code: str | None = None) -> dict:
+    """``python -m pipelines.train --stage 0 --dry-run`` on ``root``'s params.yaml (the
+    project's code from ``code``, default ``root``): the stage accepts them; returns the
+    resolved settings."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--params", "params.yaml", "--stage", "0",
+         "--dry-run"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": code or root},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return yaml.safe_load(done.stdout)

@@ -803,6 +803,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def network_table() -> str:
+    """Parameters and FLOPs per image of one Langevin step (E and dE/dx of the sampler's
+    fused energy, torch's FLOP counter) of each stage's network: the CIFAR-10 setting with
+    the release network and with the compact one, and the default digits network."""
+    rows = [
+        "Networks: parameters of each stage's network and MFLOP per image per Langevin step "
+        "(E and dE/dx of the fused energy, counted by torch.utils.flop_counter)",
+        "",
+        "| setting | network | stage | res | parameters | MFLOP / image / step |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    release = cifar10_release().model
+    settings = [
+        ("cifar10", release),
+        ("cifar10", dataclasses.replace(release, network="compact")),
+        ("digits", dataclasses.replace(CFEBMConfig().model, channels=1)),
+    ]
+    for name, cfg in settings:
+        model = CoarseToFineEBM(cfg, stage=cfg.num_stages - 1).eval()
+        for t, net in enumerate(model.nets):
+            r = cfg.resolutions[t]
+            flops = energy_grad_flops(FrozenEnergy(net), (cfg.channels, r, r))
+            params = sum(p.numel() for p in net.parameters())
+            rows.append(f"| {name} | {cfg.network} | {t} | {r} | {params:,} | {flops / 1e6:,.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print its tables, and return the measurements.
 
@@ -821,6 +848,7 @@ def main(argv: list[str] | None = None) -> dict:
         devices.append("cuda")
     print(f"Langevin / training benchmark ({', '.join(networks)})")
     print(header(args.preset, preset, devices), flush=True)
+    print(network_table(), flush=True)
     report: dict = {"preset": args.preset, "batch": preset.batch}
     for device in devices:
         eq_rows, timing, idle, memory = run_device(args, preset, device, networks)

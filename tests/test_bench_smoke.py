@@ -104,7 +104,8 @@ def test_naive_sampler_accumulates_parameter_gradients():
 
 def test_smoke_run_prints_every_table():
     cmd = [sys.executable, "-m", "benchmarks.langevin", "--smoke", "--network", "cifar10"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    # (about 50 s alone; the timeout only guards against a hang, beside other test workers)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "Equivalence with the naive path on cpu" in out and "all passed" in out
@@ -116,6 +117,9 @@ def test_smoke_run_prints_every_table():
         assert f"| cifar10 | {variant} |" in out
     assert "| fast-fp32 vs naive, same allocator |" in out
     assert "Goal >= 5x naive per fp32 Langevin step (cifar10, 32x32)" in out
+    # parameters and FLOPs of the release network and the compact one at full size
+    assert "| cifar10 | release | 2 | 32 | 1,263,873 |" in out
+    assert "| cifar10 | compact | 2 | 32 | 870,689 |" in out
 
 
 def test_run_skips_a_missing_benchmark(capsys):

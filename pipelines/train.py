@@ -212,15 +212,6 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     store = PyramidStore(opts.data, opts.data_storage_options)
     cfg = check_training_data(opts.config(), store, stage)
     per_worker(cfg, opts.ray.workers)
-    sel = opts.selection
-    if stage == cfg.model.num_stages - 1 and sel.every_images > 0:
-        weights = sel.features if sel.extractor == "domain" else sel.inception_weights
-        if weights and not cio.exists(weights):
-            raise ConfigError(
-                f"train.selection scores the last stage with {sel.extractor!r} weights "
-                f"{weights}, which do not exist yet: run the stage that writes them first "
-                "(dvc repro features), or set train.selection.every_images: 0"
-            )
     inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
     previous = None
     if stage > 0:
@@ -231,13 +222,21 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     return cfg, previous, hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def selection_features(opts: TrainStage, stage: int, cfg: CFEBMConfig) -> bytes | None:
-    """The bytes of the domain extractor that scores the last stage (None: no selection,
-    or another extractor)."""
+def selection_features(opts: TrainStage, stage: int) -> bytes | None:
+    """The bytes of the domain extractor that scores the last stage, read once before Ray
+    starts, for workers on any node (None: no selection, or Inception, whose weights come
+    by path or URL). Missing weights are a :class:`ConfigError` naming them."""
     sel = opts.selection
-    if stage != cfg.model.num_stages - 1 or sel.every_images <= 0 or sel.extractor != "domain":
+    if stage != opts.model.num_stages - 1 or sel.every_images <= 0:
         return None
-    return cio.read_bytes(sel.features)
+    weights = sel.features if sel.extractor == "domain" else sel.inception_weights
+    if weights and not cio.exists(weights):
+        raise ConfigError(
+            f"train.selection scores the last stage with {sel.extractor!r} weights "
+            f"{weights}, which do not exist yet: run the stage that writes them first "
+            "(dvc repro features), or set train.selection.every_images: 0"
+        )
+    return cio.read_bytes(weights) if sel.extractor == "domain" else None
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -254,6 +253,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
 
     t_start = time.time()
     cfg, previous, key = check_inputs(opts, stage)
+    features = selection_features(opts, stage)
     t_checked = time.time()
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
@@ -282,7 +282,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
         "previous": previous,
         # The selection's feature extractor, as bytes: a worker on another node has no copy
         # of the driver's local files (the weights are small; Inception's come by URL).
-        "features": selection_features(opts, stage, cfg),
+        "features": features,
         "tracking_uri": track.uri if track else None,
         "run_id": track.run_id if track else None,
     }

@@ -203,3 +203,22 @@ def test_invocation_keys(monkeypatch):
     assert tracking.invocation_key() == "dvc-exp:bushy-tale@0123456"
     monkeypatch.setenv(tracking.PIPELINE_ENV, "make-run-1")
     assert tracking.invocation_key() == "make-run-1"
+
+
+def test_the_selection_weights_are_read_once_before_ray_or_named_when_missing(tmp_path):
+    from pipelines.train import selection_features
+
+    weights = tmp_path / "features.pt"
+
+    def opts(**selection):
+        section = {"features": str(weights), **selection}
+        return build_dataclass(
+            TrainStage, {"model": {"resolutions": [4, 8]}, "selection": section}, "train"
+        )
+
+    assert selection_features(opts(every_images=0), 1) is None  # no selection
+    assert selection_features(opts(every_images=64), 0) is None  # not the last stage
+    with pytest.raises(ConfigError, match=r"'domain' weights .*features\.pt, which do not exist"):
+        selection_features(opts(every_images=64), 1)
+    weights.write_bytes(b"the extractor")
+    assert selection_features(opts(every_images=64), 1) == b"the extractor"  # for any node

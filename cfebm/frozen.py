@@ -176,9 +176,11 @@ class FrozenEnergy:
         beta: float = 1.0,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
+        compile: str | None = None,
     ):
         t = net.stage
         self.stage, self.dtype, self.channels_last = t, dtype, channels_last
+        self.compile = compile
         self.resolution = r = net.resolution
         self.beta = 1.0 if t == 0 else float(beta)
         act = _Act(net.head.act)
@@ -194,7 +196,9 @@ class FrozenEnergy:
             self.first = _FusedBlock(net.blocks[_res_key(r)], act, fi, r, dtype, cl)
             if t > 0 and self.beta < 1.0:
                 wf, bf = _weights(net.from_image[_res_key(r // 2)])
-                self.fade = (_prep(wf, dtype, cl), bf.to(dtype))
+                # beta as a tensor: compiled code reads it as an input, not a constant
+                mix = torch.tensor(self.beta, dtype=dtype, device=wf.device)
+                self.fade = (_prep(wf, dtype, cl), bf.to(dtype), mix)
             rr, self.trunk = r // 2, []
             while rr > 4:
                 blk = net.blocks[_res_key(rr)]
@@ -203,18 +207,39 @@ class FrozenEnergy:
             self.head = _FusedHead(net, act, None, dtype, cl)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.first is None:
-            return self.head(x).float()
-        h = self.first(x)
-        if self.fade is not None:
-            fade = F.conv2d(F.avg_pool2d(x, 2), *self.fade)
-            h = self.beta * h + (1.0 - self.beta) * fade
-        for block in self.trunk:
-            h = block(h)
-        return self.head(h).float()
+        if self.compile is None:
+            return _energy(self, x)
+        if self.compile == "reduce-overhead":  # CUDA graphs: a new step, new output buffers
+            torch.compiler.cudagraph_mark_step_begin()
+            return _compiled(self.compile)(self, x).clone()
+        return _compiled(self.compile)(self, x)
+
+
+def _energy(f: FrozenEnergy, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(f.dtype)
+    if f.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if f.first is None:
+        return f.head(x).float()
+    h = f.first(x)
+    if f.fade is not None:
+        w, b, beta = f.fade
+        h = torch.lerp(F.conv2d(F.avg_pool2d(x, 2), w, b), h, beta)  # beta h + (1 - beta) fade
+    for block in f.trunk:
+        h = block(h)
+    return f.head(h).float()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(mode: str):
+    """One compiled energy function per torch.compile mode, shared by every FrozenEnergy:
+    the weights are its inputs, not constants, so a stage's energy rebuilt with new weights
+    (every training step) or another fade coefficient runs the same compiled code."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_energy, mode=None if mode == "default" else mode)
+    return _COMPILED[mode]
 
 
 def stage_energies(

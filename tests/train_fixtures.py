@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -184,3 +185,107 @@ def train_dry_run(root: str, code: str | None = None) -> dict:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return yaml.safe_load(done.stdout)
+
+
+class HoldingProxy:
+    """An HTTP proxy in front of an S3 endpoint that passes every request through, except
+    that, once :meth:`hold` is armed, it stops the first PUT whose path matches: the request
+    never reaches the store, :attr:`caught` is set while it waits, and after :meth:`drop` its
+    connection is closed. A test kills a worker while its checkpoint upload is in flight."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.pattern: re.Pattern | None = None
+        self.caught, self.dropped = threading.Event(), threading.Event()
+        self.held: str | None = None
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def forward(self) -> None:
+                body = _request_body(self)
+                if self.command == "PUT" and proxy._catch(self.path):
+                    proxy.dropped.wait(120)
+                    self.close_connection = True
+                    return
+                _relay(self, proxy.upstream, body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def hold(self, pattern: str) -> None:
+        with self.lock:
+            self.pattern, self.held = re.compile(pattern), None
+            self.caught.clear()
+            self.dropped.clear()
+
+    def _catch(self, path: str) -> bool:
+        with self.lock:
+            if self.pattern is None or not self.pattern.search(path):
+                return False
+            self.pattern, self.held = None, path
+        self.caught.set()
+        return True
+
+    def drop(self) -> None:
+        self.dropped.set()
+
+    def stop(self) -> None:
+        self.dropped.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+def _request_body(handler) -> bytes:
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        parts = []
+        while size := int(handler.rfile.readline().split(b";")[0], 16):
+            parts.append(handler.rfile.read(size))
+            handler.rfile.readline()
+        while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+        return b"".join(parts)
+    n = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(n) if n else b""
+
+
+def _relay(handler, upstream, body: bytes) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
+    try:
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
+        sends_body = body or handler.command in ("PUT", "POST")
+        conn.request(handler.command, handler.path, body if sends_body else None, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        handler.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP or (
+                handler.command == "HEAD" and k.lower() == "content-length"
+            ):
+                handler.send_header(k, v)
+        if handler.command != "HEAD":
+            handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+    finally:
+        conn.close()

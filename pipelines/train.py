@@ -49,7 +49,8 @@ from cfebm.config import (
     ScoreConfig,
     TrainConfig,
 )
-from cfebm.data import DataError, PyramidStore, worker_images
+from cfebm.data import DataError, PyramidStore
+from cfebm.data.store import dataset_key, worker_images
 from cfebm.features import FeatureError
 from cfebm.images import make_grid, stage_pictures
 from cfebm.loop import (
@@ -212,7 +213,7 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     store = PyramidStore(opts.data, opts.data_storage_options)
     cfg = check_training_data(opts.config(), store, stage)
     per_worker(cfg, opts.ray.workers)
-    inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
+    inputs = {"dataset": dataset_key(opts.data, opts.data_storage_options)}
     previous = None
     if stage > 0:
         previous, inputs["previous_model"] = load_previous_stage(
@@ -260,7 +261,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
     ray_ = opts.ray
     place = ray_utils.place(ray_, opts.data, opts.data_storage_options, "train.ray.storage")
     t_placed = time.time()
-    run_url = ray_utils.join(place.storage, run_name)
+    run_url = cio.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
 

@@ -39,6 +39,7 @@ from cfebm import io as cio
 from cfebm.checkpoint import load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig, build_dataclass
 from cfebm.data import DataError, PyramidStore
+from cfebm.data.store import dataset_key
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
 from cfebm.metrics import InceptionWeightsError
@@ -396,7 +397,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
     cfg = dataclasses.replace(cfg, model=cfg.model.with_channels(store.channels))
     r = cfg.model.resolutions[p.stage]
     inputs, previous, features = (
-        {"dataset": ray_utils.dataset_key(p.data, p.data_storage_options)},
+        {"dataset": dataset_key(p.data, p.data_storage_options)},
         None,
         None,
     )

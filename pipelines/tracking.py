@@ -344,15 +344,15 @@ def log_stage(
     returns the run id (None when tracking is off)."""
     if not options.enabled:
         return None
-    t = Tracking(options)
-    t.start(name, key or f"{name}:{t.key}:{time.time_ns()}", params, {"cfebm.stage": name})
-    for step, values in curve:
-        log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
-    log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
-    for file, data in pngs.items():
-        log_png(t.client, t.run_id, data, f"{name}/{file}")
-    t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
-    for file, text in texts.items():
-        t.client.log_text(t.run_id, text, f"{name}/{file}")
-    t.end(results=metrics)
+    key = key or f"{name}:{invocation_key()}:{time.time_ns()}"
+    with stage_run(options, name, key, params, {"cfebm.stage": name}) as t:
+        for step, values in curve:
+            log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
+        log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
+        for file, data in pngs.items():
+            log_png(t.client, t.run_id, data, f"{name}/{file}")
+        t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
+        for file, text in texts.items():
+            t.client.log_text(t.run_id, text, f"{name}/{file}")
+        t.results = metrics
     return t.run_id

@@ -32,14 +32,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from cfebm import io as cio
 from cfebm.checkpoint import TRAINER_FILE, load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig, build_dataclass
 from cfebm.data import DataError, PyramidStore
-from cfebm.data.store import dataset_key
+from cfebm.data.store import dataset_key, training_images
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
 from cfebm.metrics import InceptionWeightsError
@@ -270,7 +269,7 @@ def run_trial(config: dict, job: dict) -> None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(os.path.join(d, TRAINER_FILE))
             scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
-    data = {r: torch.from_numpy(np.array(store.read("train", r)))}
+    data = training_images(store, [r])
     trainer = stage_trainer(cfg, p.stage, data, job["previous"], state)
     reports = TrialReports(p, trial_id, dict(config), scores, scorer)
     try:

@@ -263,6 +263,19 @@ def worker_images(
     return np.array(store.read("train", resolution, shards)), how  # a copy, off the memory map
 
 
+def training_images(store: PyramidStore, resolutions) -> dict[int, torch.Tensor]:
+    """The training images [N, C, r, r] (the [0, 255] scale) at each of ``resolutions``."""
+    import torch
+
+    missing = [r for r in resolutions if r not in store.resolutions]
+    if missing:
+        raise DataError(
+            f"{store.url} has no level at {missing} (it has {store.resolutions}): "
+            f"build its pyramid down to {min(resolutions)}x{min(resolutions)}"
+        )
+    return {r: torch.from_numpy(np.array(store.read("train", r))) for r in resolutions}
+
+
 def dataset_key(url: str, storage_options: dict | None = None) -> str:
     """Content key of a pyramid root: the hash of its manifest (which lists file sha256s)."""
     fs, root = filesystem(url, storage_options)

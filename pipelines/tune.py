@@ -359,19 +359,26 @@ def summarize(grid, p: TuneStage) -> list[TrialSummary]:
     return sorted(out, key=lambda t: str(t.trial_id))
 
 
-NOT_IN_KEY = ("out", "metrics", "mlflow", "report_delay_s", "data", "warm_start")
+NOT_IN_KEY = (
+    "out",
+    "metrics",
+    "mlflow",
+    "report_delay_s",
+    "data",
+    "warm_start",
+    "data_storage_options",
+)
 """TuneStage fields that a search's result does not depend on (where things are, how the
-run is logged and paced); also ``data_storage_options``, ``score.features`` and ``ray``
-but for its threads (``cpus_per_trial``, which change the numbers slightly)."""
+run is logged and paced; the inputs' contents are keyed apart)."""
 
 
 def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
     """A hash of what the search's result depends on: the same settings and inputs restore
     the experiment, others start a new one."""
     d = dataclasses.asdict(p)
-    tune = {k: v for k, v in d.items() if k not in (*NOT_IN_KEY, "data_storage_options")}
+    tune = {k: v for k, v in d.items() if k not in NOT_IN_KEY}
     tune["score"].pop("features")
-    tune["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}
+    tune["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}  # threads change the numbers slightly
     return cio.content_key({"tune": tune, "config": dataclasses.asdict(cfg), "inputs": inputs})
 
 

@@ -17,11 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
-import torch
-
 from .config import CFEBMConfig, ConfigError
-from .data import PyramidStore
+from .data import PyramidStore, training_images
 from .evaluate import ScoreHook, reference_images
 from .loop import Hooks, LoopConfig, train_stage
 from .metrics import Extractor, MetricsConfig
@@ -76,7 +73,7 @@ class Curve(Hooks):
 def run_variant(name: str, cfg: CFEBMConfig, store, score, budget: float | None, log):
     """(trainer, curve, seconds): ``cfg`` trained through its stages until its schedule
     ends or it has spent ``budget`` FLOPs."""
-    data = {r: torch.from_numpy(np.array(store.read("train", r))) for r in cfg.model.resolutions}
+    data = training_images(store, cfg.model.resolutions)
     marks = [budget * (i + 1) / POINTS for i in range(POINTS)] if budget else []
     trainer, curve = Trainer(cfg, data), Curve(name, marks, score, log)
     loop = LoopConfig(checkpoint_every=10**9, progress_every_s=30, max_flops=budget)

@@ -8,8 +8,11 @@ only make an object visible once its upload completes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -119,6 +122,23 @@ def write_csv(url: str, rows: list[dict], columns: list[str] | None = None) -> N
     writer.writeheader()
     writer.writerows(rows)
     write_bytes(url, buf.getvalue().encode())
+
+
+def content_key(value, length: int = 12) -> str:
+    """A short sha256 of ``value`` as canonical JSON (sorted keys; other types by ``str``):
+    the key of what a result depends on."""
+    blob = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def local_file(data: bytes, suffix: str = "") -> str:
+    """A local file holding ``data`` in the temporary folder, named by its hash (written
+    once per machine): e.g. weights sent to a worker on another node."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"cfebm-{digest}{suffix}")
+    if not os.path.exists(path):
+        write_bytes(path, data)
+    return path
 
 
 def makedirs(url: str) -> None:

@@ -462,6 +462,14 @@ class Restoration:
     metrics: dict[str, float]
     mask: torch.Tensor | None = None
 
+    def picture(self, n: int, scale: int = 1) -> bytes:
+        """A PNG of the first ``n`` images: rows of corrupted, restored and true ones."""
+        from .images import grid_png
+        from .sampling import to_uint8
+
+        rows = torch.cat([self.corrupted[:n], self.restored[:n], self.truth[:n]])
+        return grid_png(to_uint8(rows).cpu().numpy(), nrow=min(n, len(self.truth)), scale=scale)
+
 
 def quality(
     truth: torch.Tensor,

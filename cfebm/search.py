@@ -130,6 +130,23 @@ def trial_summary(
     )
 
 
+def describe(setting: dict) -> str:
+    """``step_size 1.5, noise_start 0.01``: a sampler setting in a console line."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in setting.items())
+
+
+def trial_lines(trials: list[TrialSummary], best: TrialSummary) -> list[str]:
+    """A console line per trial, the best scores first (``*`` marks the chosen trial)."""
+    lines = []
+    for t in sorted(trials, key=lambda t: (t.score is None, t.score or 0.0)):
+        score = f"{t.score:.4g}" if t.score is not None else "-"
+        mark = "*" if t is best else " "
+        lines.append(
+            f"{mark} {t.trial_id}  {describe(t.setting)}  {t.outcome} at step {t.step}: {score}"
+        )
+    return lines
+
+
 class TuneError(RuntimeError):
     """The search produced no usable setting."""
 

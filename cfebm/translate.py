@@ -307,3 +307,25 @@ def evaluate_translation(
         corr = torch.corrcoef(torch.stack([maps[name].flatten(), change]))[0, 1]
         metrics[f"saliency_corr_{name}"] = float(corr)
     return metrics, y, maps
+
+
+def translation_pictures(
+    source: torch.Tensor,
+    translated: torch.Tensor,
+    maps: Mapping[str, torch.Tensor],
+    n: int,
+    scale: int,
+) -> dict[str, bytes]:
+    """PNGs of the first ``n`` translations: ``translation.png`` (a row of sources over a row
+    of their translations) and ``saliency.png`` (the same with the change and gradient maps
+    of :func:`evaluate_translation` laid over the sources)."""
+    from .images import grid_png
+    from .sampling import to_uint8
+
+    pair = torch.cat([source[:n], translated[:n]])
+    overlays = [saliency_overlay(source[:n], maps[k][:n]) for k in ("change", "gradient")]
+    shown = torch.cat([pair.expand(-1, 3, -1, -1), *overlays])
+    return {
+        "translation.png": grid_png(to_uint8(pair).cpu().numpy(), nrow=n, scale=scale),
+        "saliency.png": grid_png(to_uint8(shown).cpu().numpy(), nrow=n, scale=scale),
+    }

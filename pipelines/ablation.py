@@ -53,16 +53,15 @@ class AblationOptions:
 
 def log_variant(o: AblationOptions, name: str, cfg: CFEBMConfig, result: dict) -> None:
     """One MLflow run per variant: FID/KID against GFLOPs (the step), compute and time."""
-    t = tracking.Tracking(o.mlflow)
     params = {"ablation": _cli.public(o), "variant": name, "config": dataclasses.asdict(cfg)}
     tags = {"cfebm.stage": "ablation", "cfebm.ablation.variant": name}
-    t.start(f"ablation-{name}", f"ablation:{name}:{time.time_ns()}", params, tags)
-    for point in result["curve"]:
-        values = {"fid": point["fid"], "kid": point["kid"]}
-        tracking.log_metrics(t.client, t.run_id, int(point["gflops"]), values)
-    totals = {"seconds": result["seconds"], "gflops": result["gflops"]}
-    tracking.log_metrics(t.client, t.run_id, 0, totals)
-    t.end()
+    key = f"ablation:{name}:{time.time_ns()}"
+    with tracking.stage_run(o.mlflow, f"ablation-{name}", key, params, tags) as t:
+        for point in result["curve"]:
+            values = {"fid": point["fid"], "kid": point["kid"]}
+            tracking.log_metrics(t.client, t.run_id, int(point["gflops"]), values)
+        totals = {"seconds": result["seconds"], "gflops": result["gflops"]}
+        tracking.log_metrics(t.client, t.run_id, 0, totals)
 
 
 def run(o: AblationOptions, train, log=print) -> dict:

@@ -12,13 +12,11 @@ stage (keys ``<metric>_<extractor>``) and a PNG grid per stage, and logs both to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
 
-from cfebm import io as cio
 from cfebm.checkpoint import load_checkpoint
 from cfebm.config import ConfigError, SamplerConfig
 from cfebm.data import PyramidStore
@@ -113,17 +111,9 @@ def run(p: EvaluateStage, log=print) -> dict:
             + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         )
         results[f"stage_{s}"] = values
-        grids[f"stage_{s}"] = grid_png(samples[: p.grid_count], scale=max(1, 64 // r))
-    cio.write_bytes(p.out, (json.dumps(results, indent=2) + "\n").encode())
-    for name, png in grids.items():
-        cio.write_bytes(cio.join(p.grids, f"{name}.png"), png)
-    run_id = tracking.log_stage(
-        p.mlflow,
-        "evaluate",
-        {"evaluate": _cli.public(p)},
-        results,
-        {f"{k}.png": v for k, v in grids.items()},
-    )
+        grids[f"stage_{s}.png"] = grid_png(samples[: p.grid_count], scale=max(1, 64 // r))
+    _cli.write_results(p.out, results, p.grids, grids)
+    run_id = tracking.log_stage(p.mlflow, "evaluate", {"evaluate": _cli.public(p)}, results, grids)
     if run_id:
         log(f"evaluate: logged to MLflow run {run_id}")
     return results

@@ -10,17 +10,16 @@ copied once into the (remote) run storage instead, where every node can read it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfebm import io as cio
 from cfebm.config import ConfigError
-from cfebm.data import layout
-from cfebm.data.storage import filesystem, is_local
+from cfebm.data.storage import filesystem
+from cfebm.data.store import copy_dataset
 from cfebm.redact import public_env
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,9 @@ class ClusterStorageError(ValueError):
     """A path that the workers of a multi-node cluster cannot all reach."""
 
 
-def url_is_local(url: str) -> bool:
-    return "://" not in str(url) or str(url).startswith("file://")
-
-
 def absolute(url: str) -> str:
     """Local paths made absolute (workers run in another folder); URLs unchanged."""
-    if url_is_local(url):
+    if cio.is_local(url):
         return os.path.abspath(str(url).removeprefix("file://"))
     return str(url)
 
@@ -112,17 +107,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def alive_nodes() -> list[dict]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
 def check_paths(nodes: int, paths: dict[str, str], shared_filesystem: bool) -> None:
     """Refuse local ``paths`` (name -> URL) when the cluster has several nodes."""
     if nodes <= 1 or shared_filesystem:
         return
-    local = {name: url for name, url in paths.items() if url_is_local(url)}
+    local = {name: url for name, url in paths.items() if cio.is_local(url)}
     if local:
         listed = ", ".join(f"{name} = {url}" for name, url in local.items())
         raise ClusterStorageError(
@@ -141,7 +130,7 @@ def ray_storage(url: str, storage_options: dict | None = None) -> tuple[str, Any
     (``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``), so s3:// honours the same
     ``AWS_*`` variables and ``storage_options`` as the rest of cfebm.
     """
-    if url_is_local(url):
+    if cio.is_local(url):
         path = absolute(url)
         os.makedirs(path, exist_ok=True)
         return path, None
@@ -152,51 +141,11 @@ def ray_storage(url: str, storage_options: dict | None = None) -> tuple[str, Any
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def join(url: str, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *(p.strip("/") for p in parts)])
-
-
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Variables passed to the workers (they may start on nodes that lack them): never a
     credential, which Ray would record with the run (:func:`cfebm.redact.public_env`)."""
     environ = os.environ if environ is None else environ
     return public_env(dict(environ), ENV_PREFIXES, ENV_NAMES)
-
-
-def dataset_key(data_url: str, storage_options: dict | None = None) -> str:
-    """Content key of a pyramid root: the hash of its manifest (which lists file sha256s)."""
-    fs, root = filesystem(data_url, storage_options)
-    with fs.open(f"{root.rstrip('/')}/{layout.MANIFEST}", "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def stage_dataset(
-    data_url: str,
-    storage_url: str,
-    data_options: dict | None = None,
-    storage_options: dict | None = None,
-) -> str:
-    """Copy the local pyramid at ``data_url`` under ``<storage_url>/datasets/<key>``, once.
-
-    Returns the URL that the workers read. The copy is content-addressed by the manifest,
-    written file by file with the manifest last, so a partial copy is never taken for a
-    complete one and a finished copy is reused by every later stage and run.
-    """
-    key = dataset_key(data_url, data_options)[:16]
-    dest = join(storage_url, "datasets", key)
-    src_fs, src_root = filesystem(data_url, data_options)
-    dst_fs, dst_root = filesystem(dest, storage_options)
-    if dst_fs.exists(f"{dst_root}/{layout.MANIFEST}"):
-        return dest
-    with src_fs.open(f"{src_root}/{layout.MANIFEST}", "rb") as f:
-        manifest_bytes = f.read()
-    manifest = json.loads(manifest_bytes)
-    for rel in manifest["files"]:
-        with src_fs.open(f"{src_root}/{rel}", "rb") as f:
-            dst_fs.pipe_file(f"{dst_root}/{rel}", f.read())
-    dst_fs.pipe_file(f"{dst_root}/{layout.MANIFEST}", manifest_bytes)
-    log.info("copied the dataset %s to %s for the cluster's workers", data_url, dest)
-    return dest
 
 
 def dataset_for_workers(
@@ -209,13 +158,11 @@ def dataset_for_workers(
 ) -> str:
     """Where the workers read the dataset: ``data_url`` itself unless it is local and the
     cluster has several nodes, in which case a copy in the (remote) run storage."""
-    if nodes <= 1 or shared_filesystem or not url_is_local(data_url):
+    if nodes <= 1 or shared_filesystem or not cio.is_local(data_url):
         return absolute(data_url)
-    return stage_dataset(data_url, storage_url, data_options, storage_options)
-
-
-def fs_is_local(url: str, storage_options: dict | None = None) -> bool:
-    return is_local(filesystem(url, storage_options)[0])
+    dest = copy_dataset(data_url, cio.join(storage_url, "datasets"), data_options, storage_options)
+    log.info("the cluster's workers read the dataset %s from its copy %s", data_url, dest)
+    return dest
 
 
 @dataclass
@@ -265,8 +212,10 @@ class Placement:
 def place(opts: ClusterOptions, data: str, data_options: dict, what: str) -> Placement:
     """Join or start Ray, check that ``opts.storage`` (named ``what`` in errors) is
     reachable by every node, and make the dataset readable by every worker."""
+    import ray
+
     connected = connect(opts.address, opts.local_cpus)
-    nodes = len(alive_nodes())
+    nodes = sum(bool(n.get("Alive")) for n in ray.nodes())
     storage, shared = absolute(opts.storage), opts.shared_filesystem
     check_paths(nodes, {what: storage}, shared)
     data_url = dataset_for_workers(data, storage, nodes, shared, data_options, opts.storage_options)

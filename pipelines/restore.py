@@ -14,13 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from cfebm.data import PyramidStore, to_unit_range
 from cfebm.evaluate import check_data
-from cfebm.images import grid_png
 from cfebm.restore import RestoreConfig, evaluate_restoration
-from cfebm.sampling import to_uint8
 from pipelines import _cli, models, tracking
 
 
@@ -64,15 +60,8 @@ def run(p: RestoreStage, log=print) -> dict:
         "num_images": len(truth),
         **{task: res.metrics for task, res in results.items()},
     }
-    n = p.grid_images
-    pngs = {
-        f"{task}.png": grid_png(
-            to_uint8(torch.cat([res.corrupted[:n], res.restored[:n], res.truth[:n]])).cpu().numpy(),
-            nrow=min(n, len(truth)),
-            scale=max(1, 64 // r),
-        )
-        for task, res in results.items()
-    }
+    scale = max(1, 64 // r)
+    pngs = {f"{task}.png": res.picture(p.grid_images, scale) for task, res in results.items()}
     _cli.write_results(p.metrics, metrics, p.images, pngs)
     if tracking.log_stage(p.mlflow, "restore", {"restore": _cli.public(p)}, metrics, pngs):
         log("restore: logged to MLflow")

@@ -24,6 +24,7 @@ never does.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -158,6 +159,15 @@ def experiment_id(c, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
+def find_run(c, experiment: str, tag: str, value: str, status: str | None = None):
+    """The newest run of ``experiment`` tagged ``tag`` = ``value`` (and in ``status``), or None."""
+    query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")
+    runs = c.search_runs(
+        [experiment], query, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
 class Tracking:
     """A stage's view of MLflow: its pipeline's parent run and its own nested run."""
 
@@ -172,24 +182,14 @@ class Tracking:
         self.run_id: str | None = None
         self.name = ""
         self._monitor = None
-
-    def _find(self, tag: str, value: str, status: str | None = None):
-        query = f"tags.`{tag}` = '{value}'" + (
-            f" and attributes.status = '{status}'" if status else ""
-        )
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=query,
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0] if runs else None
+        self.results: Mapping | None = None
+        """What :func:`stage_run` ends the run with (the stage's final metrics)."""
 
     def _pipeline_parent(self) -> str:
         if self.external_parent:
             return self.external_parent
         if self.key is not None:
-            found = self._find(PIPELINE_TAG, self.key)
+            found = find_run(self.client, self.experiment_id, PIPELINE_TAG, self.key)
             if found is not None:
                 return found.info.run_id
         tags = {KIND_TAG: "pipeline", PIPELINE_TAG: self.key or f"stage-{time.time_ns()}"}
@@ -204,7 +204,7 @@ class Tracking:
         """Open the stage's nested run (``name``; ``key`` identifies the stage's work, so a
         killed attempt is continued); True if a killed run was continued."""
         self.name = name
-        killed = self._find(STAGE_KEY_TAG, key, "RUNNING")
+        killed = find_run(self.client, self.experiment_id, STAGE_KEY_TAG, key, "RUNNING")
         if killed is not None and not self.external_parent:
             self.run_id = killed.info.run_id
             self.parent = killed.data.tags.get("mlflow.parentRunId")
@@ -242,15 +242,13 @@ class Tracking:
         from mlflow.exceptions import MlflowException
 
         flat = {k: str(v)[:6000] for k, v in flatten(redact(dict(params))).items()}
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
         shared = [Param(k, v) for k, v in flat.items() if k not in PER_STAGE_PARAMS]
-        for run_id, items in ((self.run_id, [Param(k, v) for k, v in flat.items()]),
-                              (self.parent, shared)):  # fmt: skip
-            for i in range(0, len(items) if run_id else 0, 100):
-                try:
-                    self.client.log_batch(run_id, params=items[i : i + 100])
-                except MlflowException:  # the parent has it from a run with other settings
-                    if run_id == self.run_id:
-                        raise
+        # Batches of 100: one the parent refuses (it has a value from a run with other
+        # settings) loses only its own.
+        for i in range(0, len(shared) if self.parent else 0, 100):
+            with contextlib.suppress(MlflowException):
+                self.client.log_batch(self.parent, params=shared[i : i + 100])
 
     def end(self, status: str = "FINISHED", results: Mapping | None = None) -> None:
         """End the stage's run (``results``: its final metrics, also logged to the parent
@@ -269,6 +267,26 @@ class Tracking:
             prev = self.client.get_run(self.parent).info.status
             final = "FAILED" if "FAILED" in (status, prev) else "FINISHED"
             self.client.set_terminated(self.parent, final)
+
+
+@contextlib.contextmanager
+def stage_run(options: TrackingOptions, name: str, key: str, params: Mapping, tags: Mapping):
+    """The stage's nested run (:meth:`Tracking.start`) around the stage's work, or None
+    when tracking is off: FINISHED with ``results`` at the end, FAILED on an error, and
+    left running when the stage is interrupted (the next attempt continues it)."""
+    if not options.enabled:
+        yield None
+        return
+    track = Tracking(options)
+    track.continued = track.start(name, key, params, tags)
+    try:
+        yield track
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        track.end("FAILED")
+        raise
+    track.end("FINISHED", results=track.results)
 
 
 # --- logging (also from workers) -------------------------------------------------------------
@@ -291,22 +309,12 @@ def flush() -> None:
     mlflow.flush_async_logging()
 
 
-def log_png(
-    c,
-    run_id: str,
-    png: bytes,
-    artifact_file: str | None = None,
-    key: str | None = None,
-    step: int = 0,
-) -> None:
+def log_png(c, run_id: str, png: bytes, artifact_file: str | None = None, key=None, step=0):
     """A PNG as an artifact file, or as an image with a step (``key``: the UI's slider)."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(png))
-    if key is not None:
-        c.log_image(run_id, img, key=key, step=int(step))
-    else:
-        c.log_image(run_id, img, artifact_file=artifact_file)
+    step = None if key is None else int(step)
+    c.log_image(run_id, Image.open(io.BytesIO(png)), artifact_file, key=key, step=step)
 
 
 def flat_metrics(values: Mapping, prefix: str = "") -> dict[str, float]:
@@ -336,15 +344,15 @@ def log_stage(
     returns the run id (None when tracking is off)."""
     if not options.enabled:
         return None
-    t = Tracking(options)
-    t.start(name, key or f"{name}:{t.key}:{time.time_ns()}", params, {"cfebm.stage": name})
-    for step, values in curve:
-        log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
-    log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
-    for file, data in pngs.items():
-        log_png(t.client, t.run_id, data, f"{name}/{file}")
-    t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
-    for file, text in texts.items():
-        t.client.log_text(t.run_id, text, f"{name}/{file}")
-    t.end(results=metrics)
+    key = key or f"{name}:{invocation_key()}:{time.time_ns()}"
+    with stage_run(options, name, key, params, {"cfebm.stage": name}) as t:
+        for step, values in curve:
+            log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
+        log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
+        for file, data in pngs.items():
+            log_png(t.client, t.run_id, data, f"{name}/{file}")
+        t.client.log_text(t.run_id, json.dumps(metrics, indent=2), f"{name}/metrics.json")
+        for file, text in texts.items():
+            t.client.log_text(t.run_id, text, f"{name}/{file}")
+        t.results = metrics
     return t.run_id

@@ -22,8 +22,6 @@ step, scores, sample grid and chain: ``dvc plots show``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -49,7 +47,8 @@ from cfebm.config import (
     ScoreConfig,
     TrainConfig,
 )
-from cfebm.data import DataError, PyramidStore, worker_images
+from cfebm.data import DataError, PyramidStore
+from cfebm.data.store import dataset_key, worker_images
 from cfebm.features import FeatureError
 from cfebm.images import make_grid, stage_pictures
 from cfebm.loop import (
@@ -191,6 +190,13 @@ class TrainStage:
             sampler = replace(sampler, **tuned_sampler(self.sampler_from_tune))
         return CFEBMConfig(self.model, sampler, self.optim)
 
+    def registered_name(self) -> str | None:
+        """The last stage's MLflow registered model (:attr:`registered_model`; None: none)."""
+        if self.registered_model is not None:
+            return self.registered_model or None
+        source = PyramidStore(self.data, self.data_storage_options).manifest.get("source")
+        return f"cfebm-{(source or {}).get('source', 'data')}"
+
     def model_path(self, stage: int) -> str:
         return os.path.join(self.out, f"stage{stage}", "model.pt")
 
@@ -212,14 +218,13 @@ def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None
     store = PyramidStore(opts.data, opts.data_storage_options)
     cfg = check_training_data(opts.config(), store, stage)
     per_worker(cfg, opts.ray.workers)
-    inputs = {"dataset": ray_utils.dataset_key(opts.data, opts.data_storage_options)}
+    inputs = {"dataset": dataset_key(opts.data, opts.data_storage_options)}
     previous = None
     if stage > 0:
         previous, inputs["previous_model"] = load_previous_stage(
             opts.model_path(stage - 1), cfg.model, stage
         )
-    blob = json.dumps({"stage": stage, "config": asdict(cfg), "inputs": inputs}, sort_keys=True)
-    return cfg, previous, hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return cfg, previous, cio.content_key({"stage": stage, "config": asdict(cfg), "inputs": inputs})
 
 
 def selection_features(opts: TrainStage, stage: int) -> bytes | None:
@@ -257,36 +262,30 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
     t_checked = time.time()
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
-    ray_ = opts.ray
-    place = ray_utils.place(ray_, opts.data, opts.data_storage_options, "train.ray.storage")
+    place = ray_utils.place(opts.ray, opts.data, opts.data_storage_options, "train.ray.storage")
     t_placed = time.time()
-    run_url = ray_utils.join(place.storage, run_name)
+    run_url = cio.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
-
-    track = None
-    if opts.mlflow.enabled:
-        track = tracking.Tracking(opts.mlflow)
-        params = {"train": _cli.public(opts), "stage": stage, "ray_run": run_name}
-        continued = track.start(
-            f"stage{stage}-{r}x{r}", run_name, params, {"cfebm.stage": str(stage)}
-        )
-        echo(f"train: MLflow {track.uri} run {track.run_id}" + (" (continued)" * continued))
-        if not continued:
-            track.client.log_text(track.run_id, _cli.yaml_text(params["train"]), "config.yaml")
-    job = {
-        "options": opts,
-        "stage": stage,
-        "config": cfg,
-        "data_url": place.data_url,
-        "previous": previous,
-        # The selection's feature extractor, as bytes: a worker on another node has no copy
-        # of the driver's local files (the weights are small; Inception's come by URL).
-        "features": features,
-        "tracking_uri": track.uri if track else None,
-        "run_id": track.run_id if track else None,
-    }
-    try:
+    params = {"train": _cli.public(opts), "stage": stage, "ray_run": run_name}
+    tags = {"cfebm.stage": str(stage)}
+    with tracking.stage_run(opts.mlflow, f"stage{stage}-{r}x{r}", run_name, params, tags) as track:
+        if track:
+            echo(f"train: MLflow {track.uri} run {track.run_id}" + " (continued)" * track.continued)
+            if not track.continued:
+                track.client.log_text(track.run_id, _cli.yaml_text(params["train"]), "config.yaml")
+        job = {
+            "options": opts,
+            "stage": stage,
+            "config": cfg,
+            "data_url": place.data_url,
+            "previous": previous,
+            # The selection's feature extractor, as bytes: a worker on another node has no
+            # copy of the driver's local files (the weights are small; Inception's come by URL).
+            "features": features,
+            "tracking_uri": track.uri if track else None,
+            "run_id": track.run_id if track else None,
+        }
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=job,
@@ -347,29 +346,15 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
         }
         cio.write_bytes(os.path.join(opts.stage_dir(stage), "run.json"), _cli.json_bytes(info))
         if track:
-            tracking.log_metrics(
-                track.client, track.run_id, metrics["step"], {"stage_seconds": info["fit_seconds"]}
-            )
-            last = stage == cfg.model.num_stages - 1
-            name = opts.registered_model
-            if name is None:
-                source = PyramidStore(opts.data, opts.data_storage_options).manifest.get("source")
-                name = f"cfebm-{(source or {}).get('source', 'data')}"
+            seconds = {"stage_seconds": info["fit_seconds"]}
+            tracking.log_metrics(track.client, track.run_id, metrics["step"], seconds)
+            name = opts.registered_name() if stage == cfg.model.num_stages - 1 else None
             tracking.flush()
             from pipelines import serving  # (mlflow's model flavours: only where used)
 
-            uri = serving.log_model(
-                track.run_id, track.uri, opts.model_path(stage), name if last and name else None
-            )
-            echo(
-                f"train: MLflow model {uri}" + (f", registered as {name}" if last and name else "")
-            )
-    except BaseException as e:
-        if track and not isinstance(e, KeyboardInterrupt):  # killed: leave it to continue
-            track.end("FAILED")
-        raise
-    if track:
-        track.end("FINISHED", results=metrics)
+            uri = serving.log_model(track.run_id, track.uri, opts.model_path(stage), name)
+            echo(f"train: MLflow model {uri}" + (f", registered as {name}" if name else ""))
+            track.results = metrics
     return metrics
 
 
@@ -490,11 +475,8 @@ def train_loop_per_worker(job: dict) -> dict:
         if last and rank == 0:  # (the metrics libraries load only where they are used)
             from cfebm.evaluate import score_hook
 
-            path = None
-            if job["features"] is not None:
-                path = os.path.join(tempfile.mkdtemp(prefix="cfebm-features-"), "features.pt")
-                cio.write_bytes(path, job["features"])
-            score = score_hook(opts.selection, store, r, features=path)
+            features = job["features"] and cio.local_file(job["features"], ".pt")
+            score = score_hook(opts.selection, store, r, features=features)
         else:
             score = None
     except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again

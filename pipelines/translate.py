@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from cfebm import io as cio
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
-from cfebm.data import PyramidStore, to_unit_range
+from cfebm.data import PyramidStore, to_unit_range, training_images
 from cfebm.features import FeatureError
-from cfebm.images import grid_png
 from cfebm.loop import FileCheckpoints, LoopConfig, resume_from_file
 from cfebm.metrics import InceptionWeightsError, MetricsConfig, compute_metrics, make_extractor
 from cfebm.sampling import to_uint8
 from cfebm.trainer import Trainer
-from cfebm.translate import evaluate_translation, saliency_overlay, train_translator
+from cfebm.translate import evaluate_translation, train_translator, translation_pictures
 from pipelines import _cli, models, tracking
 
 
@@ -92,17 +89,6 @@ class TranslateStage(models.Runtime):
     fidelity: Fidelity = field(default_factory=Fidelity)
 
 
-def levels(store: PyramidStore, resolutions) -> dict[int, torch.Tensor]:
-    """Every stage resolution's training images [N, C, r, r] in the [0, 255] scale."""
-    missing = [r for r in resolutions if r not in store.resolutions]
-    if missing:
-        raise ConfigError(
-            f"{store.url} has no level at {missing} (it has {store.resolutions}): "
-            "build its pyramid down to the translator's coarsest resolution"
-        )
-    return {r: torch.from_numpy(np.array(store.read("train", r))) for r in resolutions}
-
-
 def fidelity_metrics(
     f: Fidelity, translations: np.ndarray, reference: np.ndarray, device, log=print
 ) -> dict:
@@ -134,13 +120,9 @@ def run(p: TranslateStage, log=print) -> dict:
         )
     cfg = CFEBMConfig(p.model.with_channels(target.channels), p.sampler, p.optim)
     res = cfg.model.resolutions
-    data, src = levels(target, res), levels(source, res)
-    blob = json.dumps(
-        [dataclasses.asdict(cfg), source.manifest.get("files"), target.manifest.get("files")],
-        sort_keys=True,
-        default=str,
-    )
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    data, src = training_images(target, res), training_images(source, res)
+    files = [source.manifest.get("files"), target.manifest.get("files")]
+    key = cio.content_key([dataclasses.asdict(cfg), *files], 16)
     trainer = Trainer(cfg, data, device, source=src)
     resumed = resume_from_file(trainer, p.checkpoint, key)
     if resumed:
@@ -178,16 +160,7 @@ def run(p: TranslateStage, log=print) -> dict:
         + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     )
     n, scale = min(p.grid_images, len(xs)), max(1, 64 // r)
-    pair = torch.cat([xs[:n], y[:n]])
-    overlays = [saliency_overlay(xs[:n], maps[k][:n]) for k in ("change", "gradient")]
-    pngs = {
-        "translation.png": grid_png(to_uint8(pair).cpu().numpy(), nrow=n, scale=scale),
-        "saliency.png": grid_png(
-            to_uint8(torch.cat([pair.expand(-1, 3, -1, -1), *overlays])).cpu().numpy(),
-            nrow=n,
-            scale=scale,
-        ),
-    }
+    pngs = translation_pictures(xs, y, maps, n, scale)
     _cli.write_results(p.metrics, metrics, p.images, pngs)
     logged = {**metrics, "train_seconds": round(seconds, 1)}  # timings: MLflow, not DVC
     if tracking.log_stage(

@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from cfebm import io as cio
-from cfebm.checkpoint import load_checkpoint, save_checkpoint
+from cfebm.checkpoint import TRAINER_FILE, load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig, build_dataclass
 from cfebm.data import DataError, PyramidStore
+from cfebm.data.store import dataset_key, training_images
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
 from cfebm.metrics import InceptionWeightsError
@@ -48,15 +48,17 @@ from cfebm.search import (
     SearchSpace,
     TrialSummary,
     TuneError,
+    describe,
     pick_best,
     search_result,
+    trial_lines,
     trial_summary,
     with_sampler,
 )
 from pipelines import _cli, ray_utils, tracking
 
 TRIAL_TAG, OUTCOME_TAG = "cfebm.tune.trial", "cfebm.tune.outcome"
-TRAINER_FILE, SAMPLES_FILE, SCORES_FILE = "trainer.pt", "samples.png", "scores.json"
+SAMPLES_FILE, SCORES_FILE = "samples.png", "scores.json"
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class TrialReports(Hooks):
 
     def __init__(self, p: TuneStage, trial_id: str, setting: dict, scores: list, scorer):
         self.p, self.trial_id, self.scores, self.scorer = p, trial_id, scores, scorer
-        self.where = ", ".join(f"{k} {v:.4g}" for k, v in setting.items())
+        self.where = describe(setting)
         self.client = self.run_id = self.last = None
 
     def _log(self, step: int, values: dict) -> None:
@@ -229,10 +231,10 @@ def _open_trial_run(job: dict, trial_id: str, setting: dict) -> tuple:
 
     c = tracking.client(job["tracking_uri"])
     tag = f"{job['experiment']}/{trial_id}"
-    found = c.search_runs([job["experiment_id"]], f"tags.`{TRIAL_TAG}` = '{tag}'", max_results=1)
+    found = tracking.find_run(c, job["experiment_id"], TRIAL_TAG, tag)
     if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")  # its own attempt, not finished
-        return c, found[0].info.run_id
+        c.update_run(found.info.run_id, status="RUNNING")  # its own attempt, not finished
+        return c, found.info.run_id
     tags = {
         "mlflow.parentRunId": job["tune_run_id"],
         tracking.KIND_TAG: "trial",
@@ -259,12 +261,7 @@ def run_trial(config: dict, job: dict) -> None:
     cfg = with_sampler(job["config"], config)
     r = cfg.model.resolutions[p.stage]
     store = PyramidStore(job["data_url"], p.data_storage_options)
-    features = None
-    if job["features"] is not None:  # the extractor's weights, as a local file
-        digest = hashlib.sha256(job["features"]).hexdigest()[:16]
-        features = os.path.join(tempfile.gettempdir(), f"cfebm-features-{digest}.pt")
-        if not os.path.exists(features):
-            cio.write_bytes(features, job["features"])
+    features = job["features"] and cio.local_file(job["features"], ".pt")  # the weights
     scorer = score_hook(p.score, store, r, features=features)
     state, scores = None, []
     checkpoint = ray.tune.get_checkpoint()
@@ -272,7 +269,7 @@ def run_trial(config: dict, job: dict) -> None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(os.path.join(d, TRAINER_FILE))
             scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
-    data = {r: torch.from_numpy(np.array(store.read("train", r)))}
+    data = training_images(store, [r])
     trainer = stage_trainer(cfg, p.stage, data, job["previous"], state)
     reports = TrialReports(p, trial_id, dict(config), scores, scorer)
     try:
@@ -341,12 +338,16 @@ def param_space(space: SearchSpace) -> dict:
     return out
 
 
+def _trial_id(result) -> str:
+    return os.path.basename(str(result.path)).removeprefix("trial-")
+
+
 def summarize(grid, p: TuneStage) -> list[TrialSummary]:
     """Every trial's outcome: completed (all train_steps), stopped_early (by ASHA or the
     time budget, after a score), diverged, error, not_run."""
     out = [
         trial_summary(
-            os.path.basename(str(result.path)).removeprefix("trial-"),
+            _trial_id(result),
             result.config or {},
             result.metrics or {},
             None if result.error is None else str(result.error),
@@ -358,28 +359,27 @@ def summarize(grid, p: TuneStage) -> list[TrialSummary]:
     return sorted(out, key=lambda t: str(t.trial_id))
 
 
+NOT_IN_KEY = (
+    "out",
+    "metrics",
+    "mlflow",
+    "report_delay_s",
+    "data",
+    "warm_start",
+    "data_storage_options",
+)
+"""TuneStage fields that a search's result does not depend on (where things are, how the
+run is logged and paced; the inputs' contents are keyed apart)."""
+
+
 def experiment_key(p: TuneStage, cfg: CFEBMConfig, inputs: dict) -> str:
     """A hash of what the search's result depends on: the same settings and inputs restore
     the experiment, others start a new one."""
     d = dataclasses.asdict(p)
-    for key in (
-        "out",
-        "metrics",
-        "mlflow",
-        "report_delay_s",
-        "data",
-        "warm_start",
-        "data_storage_options",
-    ):
-        d.pop(key)
-    d["score"].pop("features")
-    d["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}  # threads change the numbers slightly
-    blob = json.dumps(
-        {"tune": d, "config": dataclasses.asdict(cfg), "inputs": inputs},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    tune = {k: v for k, v in d.items() if k not in NOT_IN_KEY}
+    tune["score"].pop("features")
+    tune["ray"] = {"cpus_per_trial": p.ray.cpus_per_trial}  # threads change the numbers slightly
+    return cio.content_key({"tune": tune, "config": dataclasses.asdict(cfg), "inputs": inputs})
 
 
 def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
@@ -395,11 +395,8 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
     store = PyramidStore(p.data, p.data_storage_options)
     cfg = dataclasses.replace(cfg, model=cfg.model.with_channels(store.channels))
     r = cfg.model.resolutions[p.stage]
-    inputs, previous, features = (
-        {"dataset": ray_utils.dataset_key(p.data, p.data_storage_options)},
-        None,
-        None,
-    )
+    inputs = {"dataset": dataset_key(p.data, p.data_storage_options)}
+    previous, features = None, None
     if p.stage > 0:
         previous, inputs["warm_start"] = load_previous_stage(p.warm_start, cfg.model, p.stage)
     if p.score.extractor == "domain":
@@ -414,30 +411,24 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
 
     place = ray_utils.place(p.ray, p.data, p.data_storage_options, "tune.ray.storage")
     echo(f"tune: {place.connected}")
-    storage_path, storage_fs, data_url = place.storage_path, place.storage_fs, place.data_url
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
-    restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
-
-    track = None
+    exp_path = cio.join(place.storage_path, name)
+    restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=place.storage_fs)
+    baseline = {n: getattr(cfg.sampler, n) for n in p.space.dimensions()}
     job = {
         "options": p,
         "config": cfg,
-        "data_url": data_url,
+        "data_url": place.data_url,
         "previous": previous,
         "features": features,
         "experiment": name,
         "tune_run_id": None,
     }
-    if p.mlflow.enabled:
-        track = tracking.Tracking(p.mlflow)
-        continued = track.start(
-            f"tune-stage{p.stage}", name, {"tune": _cli.public(p)}, {"cfebm.stage": "tune"}
-        )
-        job.update(
-            tracking_uri=track.uri, experiment_id=track.experiment_id, tune_run_id=track.run_id
-        )
-        echo(f"tune: MLflow {track.uri} run {track.run_id}" + (" (continued)" if continued else ""))
-    try:
+    params, tags = {"tune": _cli.public(p)}, {"cfebm.stage": "tune"}
+    with tracking.stage_run(p.mlflow, f"tune-stage{p.stage}", name, params, tags) as track:
+        if track:
+            job.update(tracking_uri=track.uri, experiment_id=track.experiment_id)
+            job["tune_run_id"] = track.run_id
+            echo(f"tune: MLflow {track.uri} run {track.run_id}" + " (continued)" * track.continued)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, job=job), {"cpu": p.ray.cpus_per_trial}
         )
@@ -448,12 +439,11 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
                 trainable=trainable,
                 resume_unfinished=True,
                 resume_errored=True,
-                storage_filesystem=storage_fs,
+                storage_filesystem=place.storage_fs,
             )
         else:
-            baseline = {n: getattr(cfg.sampler, n) for n in p.space.dimensions()}
             inside = all(d.contains(baseline[n]) for n, d in p.space.dimensions().items())
-            baseline = baseline if p.include_baseline and inside else None
+            first = [baseline] if p.include_baseline and inside else None
             scheduler = FIFOScheduler()
             if p.asha.enabled:
                 scheduler = _resumable_asha(
@@ -475,7 +465,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
                     mode="min",
                     scheduler=scheduler,
                     search_alg=BasicVariantGenerator(
-                        points_to_evaluate=[baseline] if baseline else None,
+                        points_to_evaluate=first,
                         max_concurrent=p.max_concurrent_trials,
                         random_state=p.seed,
                     ),
@@ -486,8 +476,8 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
                 ),
                 run_config=tune.RunConfig(
                     name=name,
-                    storage_path=storage_path,
-                    storage_filesystem=storage_fs,
+                    storage_path=place.storage_path,
+                    storage_filesystem=place.storage_fs,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=p.ray.keep_checkpoints),
                     failure_config=tune.FailureConfig(max_failures=p.ray.max_failures),
                     verbose=p.ray.verbose,
@@ -506,25 +496,16 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
             )
         trials = summarize(grid, p)
         best = pick_best(trials)
-        baseline = {k: getattr(cfg.sampler, k) for k in p.space.dimensions()}
         result, metrics = search_result(trials, best, baseline, p.score.metric)
         result.update(stage=p.stage, resolution=r, experiment=redact_url(exp_path))
         metrics["restored"] = restoring
-        cio.write_bytes(p.out, (json.dumps(result, indent=2) + "\n").encode())
-        cio.write_bytes(p.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
+        cio.write_bytes(p.out, _cli.json_bytes(result))
+        cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
         if track:
             log_results(track, job, trials, best, grid, result, metrics, time.time() - t_fit)
-    except BaseException as e:
-        if track and not isinstance(e, KeyboardInterrupt):
-            track.end("FAILED")
-        raise
-    if track:
-        track.end("FINISHED", results=metrics)
-    for t in sorted(trials, key=lambda t: (t.score is None, t.score or 0.0)):
-        setting = ", ".join(f"{k} {v:.4g}" for k, v in t.setting.items())
-        score = f"{t.score:.4g}" if t.score is not None else "-"
-        mark = "*" if t is best else " "
-        echo(f"tune:{mark} {t.trial_id}  {setting}  {t.outcome} at step {t.step}: {score}")
+            track.results = metrics
+    for line in trial_lines(trials, best):
+        echo(f"tune:{line}")
     echo(f"tune: {time.time() - t0:.0f} s")
     return result
 
@@ -533,30 +514,22 @@ def log_results(track, job, trials, best, grid, result, metrics, fit_seconds) ->
     """Close every trial's run with its outcome; the result on the tune run."""
     c = track.client
     for t in trials:
-        tag = f"{job['experiment']}/{t.trial_id}"
-        found = c.search_runs([track.experiment_id], f"tags.`{TRIAL_TAG}` = '{tag}'", max_results=1)
+        found = tracking.find_run(
+            c, track.experiment_id, TRIAL_TAG, f"{job['experiment']}/{t.trial_id}"
+        )
         if found:
-            c.set_tag(found[0].info.run_id, OUTCOME_TAG, t.outcome)
-            c.set_terminated(found[0].info.run_id, "FAILED" if t.outcome == "error" else "FINISHED")
-    numbers = {
-        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
-    }
+            c.set_tag(found.info.run_id, OUTCOME_TAG, t.outcome)
+            c.set_terminated(found.info.run_id, "FAILED" if t.outcome == "error" else "FINISHED")
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     tracking.log_metrics(c, track.run_id, 0, {**numbers, "fit_seconds": fit_seconds})
     c.set_tag(track.run_id, "cfebm.tune.best_trial", str(best.trial_id))
     c.log_text(track.run_id, json.dumps(result, indent=2), "tune/best.json")
     for res in grid:
-        if (
-            os.path.basename(str(res.path)) == f"trial-{best.trial_id}"
-            and res.checkpoint is not None
-        ):
+        if _trial_id(res) == best.trial_id and res.checkpoint is not None:
             with res.checkpoint.as_directory() as d:
                 if os.path.exists(os.path.join(d, SAMPLES_FILE)):
-                    tracking.log_png(
-                        c,
-                        track.run_id,
-                        cio.read_bytes(os.path.join(d, SAMPLES_FILE)),
-                        "tune/best_samples.png",
-                    )
+                    png = cio.read_bytes(os.path.join(d, SAMPLES_FILE))
+                    tracking.log_png(c, track.run_id, png, "tune/best_samples.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -581,10 +554,9 @@ def main(argv: list[str] | None = None) -> None:
         _cli.fail("tune", e)
     except KeyboardInterrupt as e:
         sys.exit(str(e) or "tune: interrupted; run the stage again to continue")
-    setting = ", ".join(f"{k} {v:.4g}" for k, v in best["sampler"].items())
     print(
-        f"tune: best {setting}: {best['metric_key']} {best['score']:.4g} at step {best['step']} "
-        f"(trial {best['trial_id']}); wrote {p.out} and {p.metrics}"
+        f"tune: best {describe(best['sampler'])}: {best['metric_key']} {best['score']:.4g} at "
+        f"step {best['step']} (trial {best['trial_id']}); wrote {p.out} and {p.metrics}"
     )
 
 

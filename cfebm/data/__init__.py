@@ -9,7 +9,13 @@ result in shards from local disk or any fsspec URL.
 from cfebm.data.errors import DataError
 from cfebm.data.prepare import PrepareConfig, prepare
 from cfebm.data.pyramid import PyramidConfig, build_pyramid, mean_pool2x
-from cfebm.data.store import PyramidStore, shards_for_worker, to_unit_range, worker_images
+from cfebm.data.store import (
+    PyramidStore,
+    shards_for_worker,
+    to_unit_range,
+    training_images,
+    worker_images,
+)
 
 __all__ = [
     "DataError",
@@ -21,5 +27,6 @@ __all__ = [
     "prepare",
     "shards_for_worker",
     "to_unit_range",
+    "training_images",
     "worker_images",
 ]

@@ -245,7 +245,9 @@ def shards_for_worker(num_shards: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_shards, world_size))
 
 
-def worker_images(store: PyramidStore, resolution: int, rank: int, world: int) -> tuple[np.ndarray, str]:
+def worker_images(
+    store: PyramidStore, resolution: int, rank: int, world: int
+) -> tuple[np.ndarray, str]:
     """(this data-parallel worker's training images [n, C, r, r], how it got them).
 
     With at least as many shards as workers each worker reads its own shards; with fewer
@@ -259,6 +261,48 @@ def worker_images(store: PyramidStore, resolution: int, rank: int, world: int) -
     else:
         shards, how = list(range(n)), f"all {n} shard(s) (fewer shards than {world} workers)"
     return np.array(store.read("train", resolution, shards)), how  # a copy, off the memory map
+
+
+def training_images(store: PyramidStore, resolutions) -> dict[int, torch.Tensor]:
+    """The training images [N, C, r, r] (the [0, 255] scale) at each of ``resolutions``."""
+    import torch
+
+    missing = [r for r in resolutions if r not in store.resolutions]
+    if missing:
+        raise DataError(
+            f"{store.url} has no level at {missing} (it has {store.resolutions}): "
+            f"build its pyramid down to {min(resolutions)}x{min(resolutions)}"
+        )
+    return {r: torch.from_numpy(np.array(store.read("train", r))) for r in resolutions}
+
+
+def dataset_key(url: str, storage_options: dict | None = None) -> str:
+    """Content key of a pyramid root: the hash of its manifest (which lists file sha256s)."""
+    fs, root = filesystem(url, storage_options)
+    with fs.open(f"{root.rstrip('/')}/{layout.MANIFEST}", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def copy_dataset(
+    url: str, folder: str, options: dict | None = None, folder_options: dict | None = None
+) -> str:
+    """Copy the pyramid root at ``url`` to ``<folder>/<key>``, once; returns the copy's URL.
+
+    The copy is content-addressed by the manifest, written file by file with the manifest
+    last, so a partial copy is never taken for a complete one and a finished copy is reused.
+    """
+    dest = f"{str(folder).rstrip('/')}/{dataset_key(url, options)[:16]}"
+    src_fs, src_root = filesystem(url, options)
+    dst_fs, dst_root = filesystem(dest, folder_options)
+    if dst_fs.exists(f"{dst_root}/{layout.MANIFEST}"):
+        return dest
+    with src_fs.open(f"{src_root}/{layout.MANIFEST}", "rb") as f:
+        manifest = f.read()
+    for rel in json.loads(manifest)["files"]:
+        with src_fs.open(f"{src_root}/{rel}", "rb") as f:
+            dst_fs.pipe_file(f"{dst_root}/{rel}", f.read())
+    dst_fs.pipe_file(f"{dst_root}/{layout.MANIFEST}", manifest)
+    return dest
 
 
 def to_unit_range(array: np.ndarray) -> torch.Tensor:

@@ -18,7 +18,7 @@ UV_VERSION ?= 0.13.9
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)" \
-		&& $(BIN)/python -m uv pip install -q --python $(BIN)/python -r $(LOCK) \
+		&& $(BIN)/python -m uv pip install -q --compile-bytecode --python $(BIN)/python -r $(LOCK) \
 		|| $(BIN)/python -m pip install -q -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@

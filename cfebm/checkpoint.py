@@ -70,11 +70,16 @@ TRAINER_FILE = "trainer.pt"
 world size) and ``rank<r>.pt`` (every rank: its own data order, RNG and replay buffer)."""
 
 
+RANK_STATE = ("batches", "source_batches", "rng", "replay", "bank")
+"""What each data-parallel rank has of its own: its data order, random streams, replay
+buffer and bank of coarse chains (the rest, weights and optimiser, is the same on all)."""
+
+
 def save_worker_checkpoint(folder: str, state: dict, rank: int, world_size: int) -> None:
     """This rank's part of a data-parallel checkpoint in ``folder`` (local)."""
     if rank == 0:
         save_checkpoint({**state, "world_size": world_size}, os.path.join(folder, TRAINER_FILE))
-    own = {k: state[k] for k in ("batches", "rng", "replay")}
+    own = {k: state[k] for k in RANK_STATE}
     torch.save(own, os.path.join(folder, f"rank{rank}.pt"))
 
 

@@ -261,7 +261,7 @@ class Tracking:
             log_metrics(
                 self.client, self.parent, 0, {f"{self.name}/{k}": v for k, v in values.items()}
             )
-        flush()
+        flush(self.client)
         self.client.set_terminated(self.run_id, status)
         if self.parent and not self.external_parent:
             prev = self.client.get_run(self.parent).info.status
@@ -303,9 +303,13 @@ def log_metrics(c, run_id: str, step: int, values: Mapping[str, float]) -> None:
         c.log_batch(run_id, metrics=metrics, synchronous=False)
 
 
-def flush() -> None:
+def flush(c) -> None:
+    """Wait for the metrics queued for client ``c``'s store. (MLflow's flush acts on the
+    default store, which a worker or a driver whose URI came from params.yaml does not use:
+    it would open a sqlite file in the working folder instead.)"""
     import mlflow
 
+    mlflow.set_tracking_uri(c.tracking_uri)
     mlflow.flush_async_logging()
 
 

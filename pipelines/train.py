@@ -349,7 +349,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
             seconds = {"stage_seconds": info["fit_seconds"]}
             tracking.log_metrics(track.client, track.run_id, metrics["step"], seconds)
             name = opts.registered_name() if stage == cfg.model.num_stages - 1 else None
-            tracking.flush()
+            tracking.flush(track.client)
             from pipelines import serving  # (mlflow's model flavours: only where used)
 
             uri = serving.log_model(track.run_id, track.uri, opts.model_path(stage), name)
@@ -452,7 +452,7 @@ class RayHooks(Hooks):
             ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=info["name"])
         if self.client is not None:
-            tracking.flush()
+            tracking.flush(self.client)
 
 
 def train_loop_per_worker(job: dict) -> dict:

@@ -210,7 +210,7 @@ class TrialReports(Hooks):
         self._log(step, {**values, "score": score})
         if self.client:
             tracking.log_png(self.client, self.run_id, png, key="samples", step=step)
-            tracking.flush()
+            tracking.flush(self.client)
         self.scores.append([step, score])
         report = {"step": step, "score": score, **values, "loss": r.loss, "beta": t.beta}
         with tempfile.TemporaryDirectory(prefix="cfebm-tune-") as d:

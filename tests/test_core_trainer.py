@@ -259,12 +259,23 @@ def test_file_checkpoints_resume_only_the_same_run(tmp_path):
 
 
 def test_worker_checkpoint_folders_are_exact_for_the_same_world_size(tmp_path):
-    a = Trainer(tiny_cfg(), pyramid(), world_size=2, rank=0)
-    b = Trainer(tiny_cfg(), pyramid(), world_size=2, rank=1)
-    for t in (a, b):
+    """Each rank gets back all of its own state, the bank of coarse chains included (each
+    rank draws its own bank with its own noise)."""
+    ranks = [Trainer(tiny_cfg(coarse_bank=16), pyramid(), world_size=2, rank=r) for r in (0, 1)]
+    for t in ranks:
+        fit(t, max_steps=4)  # stage 0 (4 steps), then one step of stage 1: the bank is drawn
+        t.advance_stage()
+        t.step()
         save_worker_checkpoint(str(tmp_path), t.state_dict(), t.rank, 2)
-    ckpt, exact = load_worker_checkpoint(str(tmp_path), 1, 2)
-    assert exact and torch.equal(ckpt["batches"]["perm"], b.state_dict()["batches"]["perm"])
+    assert not torch.equal(ranks[0].bank, ranks[1].bank)
+    for t in ranks:
+        ckpt, exact = load_worker_checkpoint(str(tmp_path), t.rank, 2)
+        assert exact
+        resumed = Trainer.from_checkpoint(ckpt, pyramid(), world_size=2, rank=t.rank)
+        own, back = t.state_dict(), resumed.state_dict()
+        assert torch.equal(back["bank"], own["bank"])
+        assert all(torch.equal(back["rng"][k], own["rng"][k]) for k in ("data", "sample"))
+        assert torch.equal(back["batches"]["perm"], own["batches"]["perm"])
     _, exact = load_worker_checkpoint(str(tmp_path), 2, 3)
     assert not exact  # another world size: the rank redraws its data order (Trainer.reshuffle)
 

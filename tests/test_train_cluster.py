@@ -167,11 +167,13 @@ def train_workers(cluster) -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def kill_a_worker(cluster, rng: random.Random) -> int:
-    """SIGKILL one live train worker, chosen at random; returns its PID."""
-    pid = rng.choice(wait_for(lambda: train_workers(cluster), 120, "live train workers"))
-    os.kill(pid, signal.SIGKILL)
-    return pid
+def kill_a_worker(cluster, rng: random.Random, registered) -> int:
+    """SIGKILL one live train worker, chosen at random; returns the newest checkpoint step
+    that ``registered()`` lists just before the kill."""
+    pids = wait_for(lambda: train_workers(cluster), 120, "live train workers")
+    newest = max((step for _, step in registered()), default=0)
+    os.kill(rng.choice(pids), signal.SIGKILL)
+    return newest
 
 
 def redone_steps(history) -> list[int]:
@@ -199,7 +201,7 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
     import s3fs
     from mlflow import MlflowClient
 
-    steps, every = 200, 20
+    steps, every = 100, 10
     train = {
         "ray": {
             "workers": 2,
@@ -207,7 +209,7 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
             "keep_checkpoints": 2,
             "max_failures": 6,
         },
-        "optim": {"fade_images": 1600, "stable_images": 4800},  # 200 steps of 32
+        "optim": {"fade_images": 1600, "stable_images": 1600},  # 100 steps of 32
         "loop": {"checkpoint_every": every},
     }
     params = smoke_params()
@@ -262,23 +264,23 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
         return lambda: [s for _, s in registered() if s > step]
 
     rng = random.Random(20261202)
-    kills = []  # (what, newest registered checkpoint step when it happened)
+    kills = []  # (what, the newest registered checkpoint's step when it happened)
     try:
         newest = 0
         for _ in range(3):  # at random moments, each after progress since the last
             newest = max(wait_for(newer_than(newest), 300, "a new checkpoint", proc=driver))
-            time.sleep(rng.uniform(0.0, 1.5))
-            kill_a_worker(cluster, rng)
+            time.sleep(rng.uniform(0.0, 1.0))
+            newest = kill_a_worker(cluster, rng, registered)
             kills.append(("worker", newest))
         # While a worker uploads its part of a checkpoint: that upload never arrives.
         proxy.hold(r"/checkpoint-step\d+/rank1\.pt$")
         assert proxy.caught.wait(300), "no checkpoint upload after the third kill"
         held = int(re.search(r"checkpoint-step(\d+)", proxy.held).group(1))
-        kill_a_worker(cluster, rng)
+        kills.append(("in checkpoint", kill_a_worker(cluster, rng, registered)))
         proxy.drop()
-        kills.append(("in checkpoint", held))
-        newest = max(wait_for(newer_than(held), 300, "a checkpoint after the restart", proc=driver))
+        wait_for(newer_than(held), 300, "a checkpoint after the restart", proc=driver)
         (node,) = cluster.worker_nodes
+        newest = max(step for _, step in registered())
         cluster.remove_node(node, allow_graceful=False)
         kills.append(("node", newest))
         rc = driver.wait(timeout=400)
@@ -292,6 +294,8 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
         output = f.read()
     assert rc == 0, output
     assert "resumed from the checkpoint at step" in output  # (Ray folds alike lines)
+    # The tracking server holds the runs: no default (sqlite) store opened beside them.
+    assert not os.path.exists(os.path.join(root, "mlflow.db"))
 
     metrics = {}  # results, and how the run went
     for path in ("metrics/train-stage1.json", "models/stage1/run.json"):
@@ -306,10 +310,10 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
     final = load_checkpoint(os.path.join(root, "models", "stage1", "model.pt"))
     reference = load_checkpoint(os.path.join(roots["reference"], "models", "stage1", "model.pt"))
     assert final["stage"] == 1 and final["state"]["step"] == steps
-    assert final["state"].keys() == reference["state"].keys()
-    for key, value in reference["state"].items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(final["state"][key], value), key
+    assert final["state"] == reference["state"]  # steps, images, FLOPs, rollbacks
+    assert final["model"].keys() == reference["model"].keys()
+    for key, weights in reference["model"].items():
+        assert torch.equal(final["model"][key], weights), key
     with open(os.path.join(roots["reference"], "metrics", "train-stage1.json")) as f:
         expected = json.load(f)
     assert {k: metrics[k] for k in expected} == expected  # loss, energies, FLOPs, images
@@ -341,12 +345,16 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
     assert {m.step for m in losses} >= set(range(1, steps + 1))  # every step, across restarts
     for key in ("energy_data", "energy_sample", "beta", "grad_norm", "images_per_s"):
         assert client.get_metric_history(run_id, key), key
-    resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_step")]
+    history = client.get_metric_history(run_id, "resumed_from_step")
+    resumed = [m.value for m in sorted(history, key=lambda m: m.timestamp)]
     assert len(resumed) == len(kills) and resumed[-1] == metrics["resumed_from_step"]
     assert all(v % every == 0 for v in resumed)  # each from a registered checkpoint
-    assert resumed[3] < kills[3][1]  # not from the checkpoint whose upload was cut off
+    # Never from further back than the newest registered checkpoint at the kill, and not
+    # from the checkpoint whose upload was cut off.
+    assert all(v >= at for v, (_, at) in zip(resumed, kills)), (resumed, kills)
+    assert resumed[3] < held, (resumed, held)
     lost = redone_steps(losses)
-    assert len(lost) == len(kills) and all(0 <= n <= 2 * every for n in lost), lost
+    assert len(lost) == len(kills), lost
     print(
         f"\nsteps redone per kill: {list(zip([k for k, _ in kills], lost))}; resumed at "
         f"{resumed}; uninterrupted run {t_reference:.0f} s, killed run {t_killed:.0f} s"

@@ -90,10 +90,9 @@ browser:
 		|| { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; }
 
 # The suite waits on services more than it computes (Ray start-up, servers, polling), so
-# two pytest workers share the two cores; each test file stays on one worker
+# three pytest workers share the two cores; each test file stays on one worker
 # (module-scoped runs are made once), the slow end-to-end files first (tests/conftest.py).
-# (Three were faster, 9:49 against 11:00, but made the kill timing of the tune test flaky.)
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 test: $(STAMP) browser
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

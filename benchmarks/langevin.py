@@ -330,10 +330,11 @@ def interleaved_medians(
 
 
 def langevin_chains(
-    network: str, preset: Preset, stage: int, device: str
+    network: str, preset: Preset, stage: int, device: str, compile: str | None = None
 ) -> tuple[dict, Callable[[str, int], torch.Tensor]]:
     """(row facts, chain(variant, k)): k Langevin steps from fixed noise at ``stage``'s
-    resolution; the fused variants build their :class:`FrozenEnergy` inside the call.
+    resolution; the fused variants build their :class:`FrozenEnergy` inside the call,
+    compiled in torch.compile's mode ``compile`` if given (compiled in the warm-up).
     """
     cfg = network_config(network, preset.steps, preset.smoke_width)
     model = build_model(cfg, cfg.model.num_stages - 1, device).train()
@@ -348,7 +349,7 @@ def langevin_chains(
     def chain(variant: str, k: int) -> torch.Tensor:
         if variant == "naive":
             return naive_langevin(model, x0, stage, 1.0, etas[:k], sigmas[:k], generator)
-        energy = FrozenEnergy(model.nets[stage], 1.0, DTYPES[variant])
+        energy = FrozenEnergy(model.nets[stage], 1.0, DTYPES[variant], compile=compile)
         return sample_langevin(energy, x0, etas[:k], sigmas[:k], generator=generator)
 
     facts = {"stage": stage, "resolution": r, "steps": len(etas), "flops": flops * preset.batch}
@@ -387,10 +388,15 @@ def training_steps(
 
 
 def time_langevin(
-    network: str, preset: Preset, stage: int, device: str, variants: Sequence[str]
+    network: str,
+    preset: Preset,
+    stage: int,
+    device: str,
+    variants: Sequence[str],
+    compile: str | None = None,
 ) -> dict[str, dict]:
     """Seconds per Langevin step of each variant (K-step chains, interleaved medians)."""
-    facts, chain = langevin_chains(network, preset, stage, device)
+    facts, chain = langevin_chains(network, preset, stage, device, compile)
     k = facts["steps"]
     for v in variants:
         chain(v, min(2, k))  # warm-up: oneDNN primitives, allocator, caches
@@ -439,7 +445,8 @@ def run_child(args: argparse.Namespace) -> dict:
     out: dict = {"child": args.child, "threads": torch.get_num_threads()}
     if args.child == "time":
         out["langevin"] = [
-            time_langevin(args.network, preset, s, args.device, LANGEVIN_VARIANTS) for s in stages
+            time_langevin(args.network, preset, s, args.device, LANGEVIN_VARIANTS, args.compile)
+            for s in stages
         ]
         out["train"] = [time_training(args.network, preset, s, args.device) for s in stages]
     elif args.child == "allocator":
@@ -470,6 +477,8 @@ def spawn(
     cmd += ["--network", network, "--preset", args.preset, "--device", device]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if args.compile:
+        cmd += ["--compile", args.compile]
     if variant:
         cmd += ["--variant", variant]
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
@@ -733,9 +742,10 @@ Notes:
   fast = cfebm.frozen.FrozenEnergy + cfebm.langevin.sample_langevin (input gradients only).
 - fast training = cfebm.trainer.train_step (fp32 sampler); naive training = the same step
   with the naive chain. Synthetic data; timings do not depend on image values.
-- torch.compile of FrozenEnergy is not a row: on the 2-core development CPU it took ~33 s
-  to compile one resolution cold and was within ~5% of the eager fused step at 32x32
-  (fp32, batch 64), so it would cost more than it measures."""
+- torch.compile of FrozenEnergy (sampler.compile) is measured with --compile MODE (the
+  fused rows then run compiled): on the 2-core development CPU it took ~33 s to compile
+  one resolution cold and was within ~5% of the eager fused step at 32x32 (fp32, batch
+  64), so sampler.compile: auto stays eager on a CPU and uses CUDA graphs on a GPU."""
 
 
 # --- orchestration ---------------------------------------------------------------------
@@ -795,6 +805,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto: CPU, and CUDA too when there is one",
     )
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch")
+    p.add_argument(
+        "--compile",
+        choices=("default", "reduce-overhead"),
+        default=None,
+        help="the fused energies compiled in this torch.compile mode (sampler.compile)",
+    )
     hidden = argparse.SUPPRESS  # child processes only
     p.add_argument("--child", choices=("time", "allocator", "memory", "idle"), help=hidden)
     p.add_argument("--variant", choices=(*LANGEVIN_VARIANTS, *TRAIN_VARIANTS), help=hidden)
@@ -846,7 +862,8 @@ def main(argv: list[str] | None = None) -> dict:
     devices = ["cpu"] if args.device != "cuda" else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append("cuda")
-    print(f"Langevin / training benchmark ({', '.join(networks)})")
+    compiled = f"; fused energies compiled: {args.compile}" if args.compile else ""
+    print(f"Langevin / training benchmark ({', '.join(networks)}){compiled}")
     print(header(args.preset, preset, devices), flush=True)
     print(network_table(), flush=True)
     report: dict = {"preset": args.preset, "batch": preset.batch}

@@ -20,6 +20,8 @@ ACTIVATIONS = ("swish", "gelu", "elu", "celu", "leaky_relu", "relu")
 NETWORKS = ("compact", "release")
 NOISE_SCHEDULES = ("linear", "constant")
 NOISE_SPANS = ("chain", "stage")
+PRECISIONS = ("fp32", "bf16", "auto")
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "auto")
 
 
 class ConfigError(ValueError):
@@ -133,6 +135,13 @@ class SamplerConfig:
     """false: chains start from noise at the sampled stage's own resolution and run
     ``steps * (s + 1)`` steps of E_s alone (no coarse-to-fine sampling: the ablation's
     progressive-growing baseline)."""
+    precision: str = "fp32"
+    """The energies' arithmetic in the chains: ``fp32``, ``bf16``, or ``auto`` (bf16 where
+    the device has bf16 units, fp32 elsewhere; bf16 is never used where it is emulated,
+    which is slower than fp32)."""
+    compile: str = "eager"
+    """``eager``; ``default`` or ``reduce-overhead`` (CUDA graphs): torch.compile's mode
+    for the energies; ``auto``: reduce-overhead on a GPU, eager on a CPU."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -154,6 +163,10 @@ class SamplerConfig:
             )
         if self.noise_span not in NOISE_SPANS:
             raise ConfigError(f"sampler.noise_span {self.noise_span!r} not in {NOISE_SPANS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"sampler.precision {self.precision!r} not in {PRECISIONS}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"sampler.compile {self.compile!r} not in {COMPILE_MODES}")
 
     def k(self, stage: int) -> int:
         """Langevin steps of ``stage`` in the chain."""

@@ -14,8 +14,7 @@ import logging
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "auto")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "auto")
+from .config import COMPILE_MODES, PRECISIONS, SamplerConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,4 +56,13 @@ def compile_mode(setting: str, device: str | torch.device) -> str | None:
         raise ValueError(f"compile {setting!r} not in {COMPILE_MODES}")
     if setting == "auto":
         return "reduce-overhead" if torch.device(device).type == "cuda" else None
-    return None if setting == "off" else setting
+    return None if setting == "eager" else setting
+
+
+def energy_options(sampler: SamplerConfig, device: str | torch.device) -> dict:
+    """The :class:`cfebm.frozen.FrozenEnergy` options (dtype, compile) that ``sampler``'s
+    precision and compile settings give on ``device``."""
+    return {
+        "dtype": sampling_dtype(sampler.precision, device),
+        "compile": compile_mode(sampler.compile, device),
+    }

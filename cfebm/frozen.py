@@ -248,6 +248,7 @@ def stage_energies(
     beta: float = 1.0,
     dtype: torch.dtype = torch.float32,
     first_stage: int = 0,
+    compile: str | None = None,
 ) -> list[FrozenEnergy]:
     """Frozen energies E_first, ..., E_s (each stage's own network) for a coarse-to-fine
     chain; the last one, if it is the model's current stage, at fade ``beta``."""
@@ -255,6 +256,6 @@ def stage_energies(
     if not 0 <= first_stage <= s <= model.stage:
         raise ValueError(f"stages {first_stage}..{s} not in the model's 0..{model.stage}")
     return [
-        FrozenEnergy(model.nets[t], beta if t == model.stage else 1.0, dtype)
+        FrozenEnergy(model.nets[t], beta if t == model.stage else 1.0, dtype, compile=compile)
         for t in range(first_stage, s + 1)
     ]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SamplerConfig
+from .device import energy_options
 from .frozen import FrozenEnergy, stage_energies
 from .langevin import Callback, Energy, sample_coarse_to_fine, sample_langevin
 from .model import CoarseToFineEBM
@@ -33,7 +34,6 @@ def sample(
     beta: float = 1.0,
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
     callback: Callback | None = None,
     energies: Sequence[Energy] | None = None,
 ) -> torch.Tensor:
@@ -45,12 +45,13 @@ def sample(
     stage at fade coefficient ``beta``. ``energies`` (E_0..E_s, as :func:`stage_energies`
     builds them) saves rebuilding them when the caller keeps them. With
     ``cfg.coarse_to_fine`` false, chains start from noise at r_s and run (s + 1) K steps of
-    E_s alone.
+    E_s alone. The energies compute in ``cfg.precision`` and run as ``cfg.compile`` says.
     """
     s = model.stage if stage is None else stage
     device = model.device
+    kw = energy_options(cfg, device)
     if not cfg.coarse_to_fine:
-        energy = energies[-1] if energies else FrozenEnergy(model.nets[s], beta, dtype)
+        energy = energies[-1] if energies else FrozenEnergy(model.nets[s], beta, **kw)
         x = uniform_noise(n, model.cfg.channels, model.resolution(s), generator, device)
         k = cfg.chain_steps(s)
         return sample_langevin(
@@ -75,7 +76,7 @@ def sample(
         first = model.cfg.resolutions.index(r)
         x = x_init.to(device)
     if energies is None:
-        energies = stage_energies(model, s, beta, dtype, first_stage=first)
+        energies = stage_energies(model, s, beta, first_stage=first, **kw)
     else:
         energies = list(energies)[first : s + 1]
     steps, noise = chain_schedules(cfg, len(energies), first)
@@ -111,14 +112,13 @@ def draw(
     seed: int = 0,
     stage: int | None = None,
     beta: float = 1.0,
-    dtype: torch.dtype = torch.float32,
     progress=None,
 ) -> np.ndarray:
     """``num`` uint8 samples [N, C, r, r] of ``stage``, in batches of ``batch`` chains;
     fixed by ``seed`` (the same seed gives the same images for any batch split of the
     same size). ``progress(done, total)`` is called after each batch."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    energies = stage_energies(model, stage, beta, dtype)
+    energies = stage_energies(model, stage, beta, **energy_options(sampler, model.device))
     out = []
     for start in range(0, num, batch):
         n = min(batch, num - start)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .config import CFEBMConfig, ConfigError, TrainConfig, from_dict, to_dict
+from .device import energy_options
 from .flops import energy_grad_flops, loss_step_flops
 from .frozen import FrozenEnergy, stage_energies
 from .langevin import sample_coarse_to_fine, sample_langevin, upsample2x
@@ -219,6 +220,8 @@ class Trainer:
         if cfg.model.channels is None:
             cfg = replace(cfg, model=cfg.model.with_channels(_channels_of(data)))
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
+        self.energy_options = energy_options(cfg.sampler, self.device)
+        """dtype and compile mode of the chains' frozen energies (sampler.precision/compile)."""
         self.source = source
         self.world_size, self.rank = world_size, rank
         self.wrap_model = wrap_model
@@ -284,8 +287,10 @@ class Trainer:
 
     def _refresh_energies(self) -> None:
         """Frozen energies of the finished stages (built once per stage) and FLOP counts."""
-        self.coarse = stage_energies(self.model, self.model.stage - 1) if self.model.stage else []
-        c, s = self.cfg.model.channels, self.model.stage
+        kw = self.energy_options
+        s = self.model.stage
+        self.coarse = stage_energies(self.model, s - 1, **kw) if s else []
+        c = self.cfg.model.channels
         self._grad_flops = [
             energy_grad_flops(e, (c, e.resolution, e.resolution), self.device)
             for e in [*self.coarse, FrozenEnergy(self.model.current)]
@@ -316,7 +321,10 @@ class Trainer:
         """n negative samples of the current model at its fade coefficient: coarse-to-fine
         chains from noise (or source images), a share from the replay buffer."""
         cfg = self.cfg
-        energies = [*self.coarse, FrozenEnergy(self.model.current, self.beta)]
+        energies = [
+            *self.coarse,
+            FrozenEnergy(self.model.current, self.beta, **self.energy_options),
+        ]
         x_init = None
         if self.source_batches is not None:
             x_init = self.source_batches.next().float().to(self.device) / 127.5 - 1.0

@@ -13,7 +13,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cfebm import io as cio
 from cfebm.config import ConfigError
@@ -43,8 +42,8 @@ class SampleOptions:
     step_size: float | None = None
     """Langevin step size; null: the model's."""
     device: str = "auto"
-    bf16: bool = False
-    """Run the energies in bfloat16."""
+    precision: str = "auto"
+    """The energies' arithmetic: fp32, bf16, or auto (bf16 where the device has bf16 units)."""
     scale: int = 4
     """PNG enlargement factor."""
 
@@ -64,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: v for k, v in (("steps", o.steps), ("step_size", o.step_size)) if v is not None
         }
-        sampler, _ = sampler_of(ckpt, **overrides)
-        dtype = torch.bfloat16 if o.bf16 else torch.float32
-        images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage, dtype=dtype)
+        sampler, _ = sampler_of(ckpt, precision=o.precision, **overrides)
+        images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _cli.fail("sample", e)
     if o.out.endswith(".png"):

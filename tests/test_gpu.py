@@ -5,6 +5,8 @@ reference: the naive path of the benchmark (the network's own forward and autogr
 an uninterrupted run.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 from benchmarks.langevin import BF16_TOLERANCE, FP32_TOLERANCE, build_model, check_equivalence
 from cfebm.checkpoint import load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig, cifar10_release
+from cfebm.device import energy_options
 from cfebm.frozen import FrozenEnergy
+from cfebm.langevin import sample_langevin
 from cfebm.loop import fit
 from cfebm.sampling import sample
 from cfebm.trainer import Trainer
@@ -93,3 +97,42 @@ def test_coarse_to_fine_training_resumes_exactly_on_cuda(tmp_path):
         sample(resumed.model, 8, cfg.sampler, generator=g1),
         sample(straight.model, 8, cfg.sampler, generator=g2),
     )
+
+
+def test_auto_settings_on_cuda_are_bf16_where_native_and_cuda_graphs():
+    opts = energy_options(SamplerConfig(precision="auto", compile="auto"), "cuda")
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert opts == {
+        "dtype": torch.bfloat16 if native else torch.float32,
+        "compile": "reduce-overhead",
+    }
+
+
+def test_compiled_chain_with_cuda_graphs_equals_the_eager_chain(release):
+    """The release network's 32x32 energy compiled in reduce-overhead mode (CUDA graphs):
+    the same Langevin chain as eager up to float rounding, also after the energy is rebuilt
+    with new weights (as every training step does)."""
+    model, x = release
+    steps, noise = [1.0] * 10, [0.01] * 10
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.current.parameters():
+                p.mul_(1.01)
+        chains = []
+        for mode in (None, "reduce-overhead"):
+            energy = FrozenEnergy(model.current, compile=mode)
+            gen = torch.Generator("cuda").manual_seed(3)
+            chains.append(sample_langevin(energy, x, steps, noise, generator=gen))
+        eager, compiled = chains
+        assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+
+
+def test_training_with_compiled_bf16_chains_runs_on_cuda():
+    """A short coarse-to-fine training whose chains use the device's choices (auto)."""
+    cfg = small_cfg()
+    cfg = replace(cfg, sampler=replace(cfg.sampler, precision="auto", compile="auto"))
+    trainer = Trainer(cfg, data_on("cuda"), device="cuda")
+    fit(trainer)
+    assert trainer.state.stage == 2
+    x = sample(trainer.model, 8, cfg.sampler, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.isfinite(x).all() and x.shape == (8, 1, 16, 16)

@@ -9,9 +9,11 @@ Dockerfiles' build context, the shell scripts' syntax, and the RayJob entrypoint
 End to end (slow, real processes): `infra/local/cluster.sh up` (two Ray nodes, moto S3,
 MLflow server), the cifar10-smoke preset (the paper's CIFAR-10 pipeline at smoke size: RGB,
 the release network, 8 -> 16 -> 32, the last stage's model selected by FID) on a CIFAR-10
-archive in the real format on that S3, submitted through the Ray Jobs API; its outputs read
-back from S3 and the tracking server, then `down`, after which no process of it may be left.
-(The digits smoke pipeline runs end to end in tests/test_train_dvc.py.)
+archive in the real format on that S3, submitted through the Ray Jobs API up to its
+training stages (data, features, train@0..2: what runs on the cluster's workers; the later
+stages run in the job's driver as they do locally, in tests/test_train_dvc.py and
+tests/test_uses_cli.py); its outputs read back from S3 and the tracking server, then
+`down`, after which no process of it may be left.
 """
 
 from __future__ import annotations
@@ -542,6 +544,7 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
         command = [
             "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
             "--set", f"prepare.url={archive}", "--set", "train.ray.resources_per_worker={CPU: 1}",
+            "train",
         ]  # fmt: skip
         submit = subprocess.run(
             [os.path.join(INFRA, "local", "submit.sh"), "--", *command], cwd=REPO, env=env,

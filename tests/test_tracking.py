@@ -128,7 +128,7 @@ def pipeline(monkeypatch, uri, invocation, step_size, seconds, scores, tune_best
             {"cfebm.stage": "evaluate"},
             metrics,
         )
-    tracking.flush()
+    tracking.flush(tracking.client(uri))
 
 
 @pytest.fixture(scope="module")

@@ -80,9 +80,7 @@ def load_pipelines(opts: CompareOptions):
         for c in runs
         if (m := STAGE_METRIC.match(c))
     }
-    params = [
-        c for c in runs if c.startswith("params.") and c[7:] not in tracking.PER_STAGE_PARAMS
-    ]
+    params = [c for c in runs if c.startswith("params.") and c[7:] not in tracking.PER_STAGE_PARAMS]
     by = runs.groupby(PARENT)
     out = by[params + list(scores)].last().rename(columns=scores)
     out["stages"] = by["name"].agg(lambda names: ", ".join(dict.fromkeys(names)))
@@ -90,10 +88,10 @@ def load_pipelines(opts: CompareOptions):
     out["train seconds"] = runs.groupby([PARENT, "name"])["seconds"].last().groupby(level=0).sum()
     parents = parents.set_index("run_id")
     out = out.reindex(parents.index)
-    out.insert(0, "run", parents["tags.mlflow.runName"].fillna(parents.index.str[:8]))
+    out.insert(0, "run", parents["tags.mlflow.runName"])
     out.insert(1, "run id", parents.index.str[:8])
-    started = parents["start_time"].map(lambda t: t.to_pydatetime().astimezone())
-    out.insert(2, "started", started.map(lambda t: t.strftime("%Y-%m-%d %H:%M")))
+    local = parents["start_time"].map(lambda t: t.to_pydatetime().astimezone())  # local time
+    out.insert(2, "started", local.map(lambda t: t.strftime("%Y-%m-%d %H:%M")))
     out.insert(3, "status", parents["status"])
     return out
 

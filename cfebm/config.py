@@ -330,7 +330,7 @@ def check_types(cls: type, data: Any, where: str) -> None:
 
     YAML gives strings where a number or a bool was meant (``"false"``, ``"2"``); those are
     errors here, not silently converted. Unknown keys are errors too. Nested dataclasses,
-    ``X | None``, ``list``/``tuple``/``dict`` annotations are followed.
+    ``X | None``, ``Literal``, ``list``/``tuple``/``dict`` annotations are followed.
     """
     if data is None:
         return
@@ -351,6 +351,10 @@ def check_types(cls: type, data: Any, where: str) -> None:
 def _check_value(hint: Any, value: Any, where: str) -> None:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
+        return
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {_shown(value)}")
         return
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -19,6 +19,13 @@ from .config import COMPILE_MODES, PRECISIONS, SamplerConfig
 log = logging.getLogger(__name__)
 
 
+def resolve(name: str) -> torch.device:
+    """The torch device ``name``; ``auto``: cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def native_bf16(device: str | torch.device) -> bool:
     """Whether ``device`` has bf16 arithmetic units that its kernels use."""
     device = torch.device(device)

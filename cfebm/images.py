@@ -16,6 +16,26 @@ def _tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x
 
 
+def from_pixels(x: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Images [N, *shape] of integers 0-255 (uint8, as ``pipelines.sample`` writes them, or
+    JSON numbers without fractions) as a float tensor in [-1, 1]; anything else is a
+    ValueError that names what came instead."""
+    x = np.asarray(x)
+    want = ", ".join(map(str, shape))
+    integral = x.dtype.kind in "iu" or (
+        x.dtype.kind == "f" and x.size and np.array_equal(x, np.round(x))
+    )
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape) or not integral or x.size == 0:
+        got = f"{list(x.shape)} of {x.dtype}" + ("" if integral else " with fractions")
+        raise ValueError(
+            f"expected images [N, {want}] of integers 0-255 (uint8, as pipelines.sample "
+            f"writes them), got {got}"
+        )
+    if x.min() < 0 or x.max() > 255:
+        raise ValueError(f"expected pixel values 0-255, got {x.min()} to {x.max()}")
+    return torch.from_numpy(x.astype(np.float32)) / 127.5 - 1.0
+
+
 def make_grid(
     images: torch.Tensor | np.ndarray, nrow: int | None = None, scale: int = 1
 ) -> np.ndarray:

@@ -29,7 +29,7 @@ import re
 import urllib.request
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -373,6 +373,33 @@ def make_extractor(
             )
         return domain_extractor(features)
     raise ValueError(f"unknown feature extractor {kind!r}; choose from {EXTRACTORS}")
+
+
+@dataclass
+class Extractors:
+    """The feature spaces that FID/KID are measured in."""
+
+    extractors: list[str] = field(default_factory=lambda: [DOMAIN])
+    """Feature extractors: ``domain`` (the features stage's CNN) and/or
+    ``inception-v3-compat``."""
+    features: str | None = "models/features.pt"
+    """Weights of the domain extractor (pipelines.features output)."""
+    inception_weights: str | None = None
+    """InceptionV3 weights, path or fsspec URL; null: torch-fidelity's standard download."""
+    inception_download: bool = True
+    """With no inception_weights: allow the standard download when the network answers."""
+
+    def make(self) -> list[Extractor]:
+        """Every configured extractor, its weights resolved and checked."""
+        return [
+            make_extractor(
+                e,
+                features=self.features,
+                inception_weights=self.inception_weights,
+                download=self.inception_download,
+            )
+            for e in self.extractors
+        ]
 
 
 # --- metrics ------------------------------------------------------------------------------

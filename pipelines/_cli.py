@@ -185,20 +185,23 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 and FeatureError are ValueErrors), missing files. Anything else is a bug: a traceback."""
 
 
-def stage_main(cls: type, section: str, run: Callable[[Any], Any], doc: str, done: Callable):
-    """The ``main(argv)`` of a stage whose options are ``cls`` (params section ``section``):
-    parse, ``--dry-run`` prints the settings, else ``run(options)``, then the line
-    ``done(options)``; errors of :data:`USER_ERRORS` exit with one line naming them."""
+def stage_main(cls, section, run, doc, done=None, *, arguments=None, settings=None, errors=()):
+    """The ``main(argv)`` of a stage whose options are ``cls`` (params section ``section``;
+    ``arguments`` adds the stage's own, e.g. ``--stage``): parse, ``--dry-run`` prints the
+    settings (``settings(options, extra)``, default the options), else ``result =
+    run(options, extra)`` and the line ``done(options, result)``; errors of
+    :data:`USER_ERRORS` and ``errors`` exit with one line naming them."""
 
     def main(argv: list[str] | None = None) -> None:
         try:
-            options, extra = parse(cls, section, argv, doc=doc)
+            options, extra = parse(cls, section, argv, doc=doc, arguments=arguments)
             if extra.dry_run:
-                return print_settings(options)
-            run(options)
-        except USER_ERRORS as e:
+                return print_settings(settings(options, extra) if settings else options)
+            result = run(options, extra)
+        except (*USER_ERRORS, *errors) as e:
             fail(section, e)
-        print(f"{section}: {done(options)}")
+        if done:
+            print(f"{section}: {done(options, result)}")
 
     return main
 

@@ -22,7 +22,7 @@ import torch
 
 from cfebm import io as cio
 from cfebm.ablation import VARIANTS, run_ablation
-from cfebm.config import CFEBMConfig, ConfigError, build_dataclass
+from cfebm.config import CFEBMConfig, ConfigError
 from cfebm.data import PyramidStore
 from pipelines import _cli, tracking
 
@@ -93,17 +93,13 @@ def run(o: AblationOptions, train, log=print) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run(o: AblationOptions, extra) -> dict:
     from pipelines.train import TrainStage
 
-    try:
-        o, extra = _cli.parse(AblationOptions, "ablation", argv, doc=__doc__)
-        train = build_dataclass(TrainStage, _cli.load_section(extra.params, "train"), "train")
-        if extra.dry_run:
-            return _cli.print_settings(o)
-        run(o, train)
-    except _cli.USER_ERRORS as e:
-        _cli.fail("ablation", e)
+    return run(o, TrainStage.read(extra.params))
+
+
+main = _cli.stage_main(AblationOptions, "ablation", _run, __doc__)
 
 
 if __name__ == "__main__":

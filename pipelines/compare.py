@@ -11,17 +11,15 @@ parent run (tag ``cfebm.kind = pipeline``, pipelines/tracking.py) and its nested
 
 from __future__ import annotations
 
-import csv
 import fnmatch
-import io
 import re
-import time
 from dataclasses import dataclass, field
 
 from cfebm.config import ConfigError
 from pipelines import _cli, tracking
 
-STAGE_METRIC = re.compile(r"^stage_(\d+)/(fid|kid_mean)_(.+)$")
+STAGE_METRIC = re.compile(r"^metrics\.stage_(\d+)/(fid|kid_mean)_(.+)$")
+PARENT = "tags.mlflow.parentRunId"
 
 
 @dataclass
@@ -45,134 +43,94 @@ class CompareOptions:
             raise ConfigError("compare: --last must be >= 1 and --format text or csv")
 
 
-@dataclass
-class PipelineSummary:
-    run_id: str
-    name: str
-    start_ms: int
-    status: str
-    params: dict[str, str] = field(default_factory=dict)
-    scores: dict[str, float] = field(default_factory=dict)
-    train_seconds: float | None = None
-    tune_best: float | None = None
-    stages: list[str] = field(default_factory=list)
+def load_pipelines(opts: CompareOptions):
+    """The newest ``opts.last`` pipeline runs, newest first, as a DataFrame indexed by run
+    id: name, start, status, stages, parameters (``params.<name>``), scores, tune best and
+    train seconds, gathered from the stage runs oldest first (a stage that ran twice in a
+    pipeline run counts with its last run)."""
+    import mlflow
 
-
-def _kind(run) -> str:
-    stage = run.data.tags.get("cfebm.stage", "")
-    return "train" if stage.isdigit() else stage or "other"
-
-
-def summarize(parent, children: list) -> PipelineSummary:
-    """A pipeline run's parameters and results from its stage runs, oldest first: a stage
-    that ran twice in it counts with its last run."""
-    s = PipelineSummary(
-        parent.info.run_id,
-        parent.info.run_name or parent.info.run_id[:8],
-        parent.info.start_time or 0,
-        parent.info.status,
-    )
-    seconds = {}
-    for r in children:
-        kind, stage = _kind(r), r.data.tags.get("cfebm.stage")
-        name = f"train@{stage}" if kind == "train" else kind
-        if name not in s.stages:
-            s.stages.append(name)
-        shared = {k: v for k, v in r.data.params.items() if k not in tracking.PER_STAGE_PARAMS}
-        s.params.update(shared)
-        if kind == "train" and "stage_seconds" in r.data.metrics:
-            seconds[stage] = r.data.metrics["stage_seconds"]
-        if kind == "tune" and "best_score" in r.data.metrics:
-            s.tune_best = r.data.metrics["best_score"]
-        for key, value in r.data.metrics.items():
-            if m := STAGE_METRIC.match(key):
-                metric = "kid" if m.group(2) == "kid_mean" else m.group(2)
-                s.scores[f"{metric} s{m.group(1)} [{m.group(3)}]"] = value
-    s.train_seconds = sum(seconds.values()) if seconds else None
-    return s
-
-
-def load_pipelines(opts: CompareOptions) -> list[PipelineSummary]:
-    """The newest ``opts.last`` pipeline runs, newest first."""
     uri = tracking.resolve_tracking_uri(opts.tracking_uri)
-    client = tracking.client(uri)
-    exp = client.get_experiment_by_name(opts.experiment)
-    if exp is None:
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(opts.experiment) is None:
         raise ConfigError(
             f"no MLflow experiment {opts.experiment!r} in {uri}: run the pipeline first"
         )
-    parents = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-        max_results=opts.last,
+
+    def search(kind: str, **kw):
+        query = f"tags.`{tracking.KIND_TAG}` = '{kind}'"
+        return mlflow.search_runs(experiment_names=[opts.experiment], filter_string=query, **kw)
+
+    parents = search("pipeline", order_by=["attributes.start_time DESC"], max_results=opts.last)
+    if parents.empty:
+        return parents
+    runs = search("stage", order_by=["attributes.start_time ASC"])
+    needed = [PARENT, "tags.cfebm.stage", "metrics.stage_seconds", "metrics.best_score"]
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *needed])))
+    runs = runs[runs[PARENT].isin(parents["run_id"])]
+    stage = runs["tags.cfebm.stage"].fillna("")
+    train = stage.str.isdigit()
+    runs = runs.assign(
+        name=("train@" + stage).where(train, stage.replace("", "other")),
+        seconds=runs["metrics.stage_seconds"].where(train),
+        best=runs["metrics.best_score"].where(stage == "tune"),
     )
-    return [
-        summarize(
-            p,
-            client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.mlflow.parentRunId = '{p.info.run_id}'",
-                order_by=["attributes.start_time ASC"],
-                max_results=1000,
-            ),
-        )
-        for p in parents
-    ]
+    scores = {
+        c: f"{'kid' if m[2] == 'kid_mean' else m[2]} s{m[1]} [{m[3]}]"
+        for c in runs
+        if (m := STAGE_METRIC.match(c))
+    }
+    params = [c for c in runs if c.startswith("params.") and c[7:] not in tracking.PER_STAGE_PARAMS]
+    by = runs.groupby(PARENT)
+    out = by[params + list(scores)].last().rename(columns=scores)
+    out["stages"] = by["name"].agg(lambda names: ", ".join(dict.fromkeys(names)))
+    out["tune best"] = by["best"].last()
+    out["train seconds"] = runs.groupby([PARENT, "name"])["seconds"].last().groupby(level=0).sum()
+    parents = parents.set_index("run_id")
+    out = out.reindex(parents.index)
+    out.insert(0, "run", parents["tags.mlflow.runName"])
+    out.insert(1, "run id", parents.index.str[:8])
+    local = parents["start_time"].map(lambda t: t.to_pydatetime().astimezone())  # local time
+    out.insert(2, "started", local.map(lambda t: t.strftime("%Y-%m-%d %H:%M")))
+    out.insert(3, "status", parents["status"])
+    return out
 
 
 def _short(value) -> str:
     try:
-        return f"{float(value):.4g}"
+        return "-" if value is None or value != value else f"{float(value):.4g}"
     except (TypeError, ValueError):
         return str(value)
 
 
-def table(rows: list[PipelineSummary], opts: CompareOptions) -> list[tuple[str, list[str]]]:
-    """(field, value per run) rows of the comparison."""
-    fields = [
-        ("run", [r.name for r in rows]),
-        ("run id", [r.run_id[:8] for r in rows]),
-        (
-            "started",
-            [time.strftime("%Y-%m-%d %H:%M", time.localtime(r.start_ms / 1000)) for r in rows],
-        ),
-        ("status", [r.status for r in rows]),
-        ("stages", [", ".join(r.stages) or "-" for r in rows]),
+def table(rows, opts: CompareOptions):
+    """The comparison as text: one row per pipeline run, one column per field shown."""
+    params = [
+        c
+        for c in sorted(c for c in rows if c.startswith("params."))
+        if opts.all_params
+        or rows[c].nunique(dropna=False) > 1
+        or any(fnmatch.fnmatchcase(c[7:], pat) for pat in opts.show)
     ]
-    for k in sorted({k for r in rows for k in r.params}):
-        differs = len({r.params.get(k) for r in rows}) > 1
-        if opts.all_params or differs or any(fnmatch.fnmatchcase(k, pat) for pat in opts.show):
-            fields.append((k, [_short(r.params[k]) if k in r.params else "-" for r in rows]))
-    for k in sorted({k for r in rows for k in r.scores}, key=lambda k: (k.split()[1], k)):
-        fields.append((k, [_short(r.scores[k]) if k in r.scores else "-" for r in rows]))
-    fields.append(
-        ("tune best", [_short(r.tune_best) if r.tune_best is not None else "-" for r in rows])
-    )
-    fields.append(
-        ("train seconds", [f"{r.train_seconds:.0f}" if r.train_seconds else "-" for r in rows])
-    )
-    return fields
+    scores = sorted((c for c in rows if c[:4] in ("fid ", "kid ")), key=lambda k: (k.split()[1], k))
+    shown = rows[["run", "run id", "started", "status", "stages"]].fillna("-").replace("", "-")
+    shown = shown.join(rows[params + scores + ["tune best"]].map(_short))
+    seconds = rows["train seconds"]
+    shown["train seconds"] = seconds.map(lambda s: f"{s:.0f}" if s == s and s else "-")
+    return shown.rename(columns=lambda c: c.removeprefix("params."))
 
 
-def render(fields: list[tuple[str, list[str]]], fmt: str) -> str:
+def render(shown, fmt: str) -> str:
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow([name for name, _ in fields])
-        w.writerows(zip(*(values for _, values in fields)))
-        return buf.getvalue()
-    width = max(len(name) for name, _ in fields)
-    cols = [max(len(v[i]) for _, v in fields) for i in range(len(fields[0][1]))]
-    return "\n".join(
-        f"{name.ljust(width)}  " + "  ".join(v.ljust(c) for v, c in zip(values, cols)).rstrip()
-        for name, values in fields
-    )
+        return shown.to_csv(index=False)
+    cells = shown.T.astype(str).reset_index()
+    cells = cells.apply(lambda column: column.str.ljust(column.str.len().max()))
+    return "\n".join("  ".join(row).rstrip() for row in cells.values)
 
 
 def compare(opts: CompareOptions) -> str:
     rows = load_pipelines(opts)
-    if not rows:
+    if rows.empty:
         return f"no pipeline runs in MLflow experiment {opts.experiment!r} yet"
     return render(table(rows, opts), opts.format)
 

@@ -17,18 +17,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cfebm.checkpoint import load_checkpoint
 from cfebm.config import ConfigError, SamplerConfig
 from cfebm.data import PyramidStore
+from cfebm.device import resolve
 from cfebm.evaluate import EvalConfig, check_data, evaluate_stage
 from cfebm.images import grid_png
-from cfebm.metrics import DOMAIN, EXTRACTORS, make_extractor
-from cfebm.trainer import model_from_checkpoint, sampler_of
+from cfebm.metrics import EXTRACTORS, Extractors
+from cfebm.trainer import sampler_of
 from pipelines import _cli, models, tracking
 
 
 @dataclass
-class EvaluateStage(EvalConfig):
+class EvaluateStage(EvalConfig, Extractors):
     """Sample quality of trained models (params.yaml section ``evaluate``)."""
 
     models: list[str] = field(default_factory=list)
@@ -38,15 +38,6 @@ class EvaluateStage(EvalConfig):
     data_storage_options: dict[str, Any] = field(default_factory=dict)
     sampler: dict[str, Any] = field(default_factory=dict)
     """Overrides of the model's sampler settings (cfebm SamplerConfig keys)."""
-    extractors: list[str] = field(default_factory=lambda: [DOMAIN])
-    """Feature extractors: ``domain`` (the features stage's CNN) and/or
-    ``inception-v3-compat``."""
-    features: str = "models/features.pt"
-    """Weights of the domain extractor (pipelines.features output)."""
-    inception_weights: str | None = None
-    """InceptionV3 weights, path or fsspec URL; null: torch-fidelity's standard download."""
-    inception_download: bool = True
-    """With no inception_weights: allow the standard download when the network answers."""
     out: str = "metrics/evaluate.json"
     """DVC metrics JSON, nested per stage."""
     grids: str = "outputs/evaluate"
@@ -71,41 +62,26 @@ def run(p: EvaluateStage, log=print) -> dict:
     """Measure every model; write the metrics JSON and the grids; log to MLflow."""
     if not p.models:
         raise ConfigError("no models to evaluate: set evaluate.models or pass --models")
-    device = models.torch_device(p.device)
-    extractors = [  # weights resolved and checked before any sampling
-        make_extractor(
-            e,
-            features=p.features,
-            inception_weights=p.inception_weights,
-            download=p.inception_download,
-        )
-        for e in p.extractors
-    ]
+    device = resolve(p.device)
+    extractors = p.make()  # weights resolved and checked before any sampling
     store = PyramidStore(p.data, p.data_storage_options)
     results, grids = {}, {}
     for url in p.models:
-        ckpt = load_checkpoint(models.local_model(url), map_location=device)
-        model = model_from_checkpoint(ckpt, device)
+        model, ckpt = models.load_model(url, device)
         check_data(model, store, url)
         sampler, beta = sampler_of(ckpt, **p.sampler)
         s, r = model.stage, model.resolution()
-        bar = tqdm(
-            total=p.num_samples,
-            desc=f"evaluate stage {s} ({r}x{r})",
-            unit="img",
-            disable=None,
-            leave=False,
-        )
-        values, samples = evaluate_stage(
-            model,
-            sampler,
-            store,
-            extractors,
-            p,
-            beta=beta,
-            progress=lambda done, _, bar=bar: bar.update(done - bar.n),
-        )
-        bar.close()
+        desc = f"evaluate stage {s} ({r}x{r})"
+        with tqdm(total=p.num_samples, desc=desc, unit="img", disable=None, leave=False) as bar:
+            values, samples = evaluate_stage(
+                model,
+                sampler,
+                store,
+                extractors,
+                p,
+                beta=beta,
+                progress=lambda done, _, bar=bar: bar.update(done - bar.n),
+            )
         log(
             f"evaluate: stage {s} ({r}x{r}): "
             + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
@@ -113,14 +89,16 @@ def run(p: EvaluateStage, log=print) -> dict:
         results[f"stage_{s}"] = values
         grids[f"stage_{s}.png"] = grid_png(samples[: p.grid_count], scale=max(1, 64 // r))
     _cli.write_results(p.out, results, p.grids, grids)
-    run_id = tracking.log_stage(p.mlflow, "evaluate", {"evaluate": _cli.public(p)}, results, grids)
-    if run_id:
-        log(f"evaluate: logged to MLflow run {run_id}")
+    tracking.log_stage("evaluate", p, results, grids, log=log)
     return results
 
 
 main = _cli.stage_main(
-    EvaluateStage, "evaluate", run, __doc__, lambda p: f"wrote {p.out} and {p.grids}/"
+    EvaluateStage,
+    "evaluate",
+    lambda p, _: run(p),
+    __doc__,
+    lambda p, _: f"wrote {p.out} and {p.grids}/",
 )
 
 

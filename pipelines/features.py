@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfebm import io as cio
-from cfebm.config import ConfigError
-from cfebm.data import DataError, PyramidStore
-from cfebm.features import FeatureError, FeatureTrainConfig, fit_extractor, save_feature_net
+from cfebm.data import PyramidStore
+from cfebm.features import FeatureTrainConfig, fit_extractor, save_feature_net
 from pipelines import _cli
 
 
@@ -36,19 +35,22 @@ class FeaturesStage(FeatureTrainConfig):
     """Extractor name; null: cfebm-<dataset source>-cnn."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        p, extra = _cli.parse(FeaturesStage, "features", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(p)
-        net, name, meta = fit_extractor(PyramidStore(p.data, p.storage_options), p, p.name)
-        save_feature_net(net, p.out, name, {**meta, "data": p.data})
-        metrics = {"test_accuracy": meta["test_accuracy"]}
-        cio.write_bytes(p.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
-    except (ConfigError, DataError, FeatureError) as e:
-        _cli.fail("features", e)
-    accuracy = json.dumps(metrics["test_accuracy"])
-    print(f"features: wrote {p.out} and {p.metrics}; test accuracy {accuracy}")
+def run(p: FeaturesStage, extra=None) -> dict:
+    """Train and write the extractor and its metrics JSON; return the metrics."""
+    net, name, meta = fit_extractor(PyramidStore(p.data, p.storage_options), p, p.name)
+    save_feature_net(net, p.out, name, {**meta, "data": p.data})
+    metrics = {"test_accuracy": meta["test_accuracy"]}
+    cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
+    return metrics
+
+
+main = _cli.stage_main(
+    FeaturesStage,
+    "features",
+    run,
+    __doc__,
+    lambda p, m: f"wrote {p.out} and {p.metrics}; test accuracy {json.dumps(m['test_accuracy'])}",
+)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from cfebm.checkpoint import load_checkpoint
 from cfebm.config import ConfigError
+from cfebm.data import PyramidStore
+from cfebm.device import resolve
 from cfebm.model import CoarseToFineEBM
 from cfebm.trainer import model_from_checkpoint
 from pipelines.tracking import TrackingOptions
@@ -38,14 +41,35 @@ class Runtime:
             if self.threads < 1:
                 raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
             torch.set_num_threads(self.threads)
-        return torch_device(self.device)
+        return resolve(self.device)
 
 
-def torch_device(name: str) -> torch.device:
-    """``auto``: cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class HeldOutStage(Runtime):
+    """A stage that puts a trained energy to use on held-out images (restore, ood)."""
+
+    model: str = "models/stage2/model.pt"
+    """The trained model (path, URL, ``runs:/`` or ``models:/`` URI)."""
+    data: str = "data/pyramid"
+    """Pyramid dataset root of the held-out (in-distribution) images."""
+    data_storage_options: dict[str, Any] = field(default_factory=dict)
+    split: str = "test"
+    """Held-out split (in ood also the split read from the ``other`` data sets)."""
+    stage: int | None = None
+    """Stage whose resolution and energies are used; null: the model's finest."""
+    grid_images: int = 16
+    """Images of each row of the PNG grids."""
+
+    def open(self) -> tuple[CoarseToFineEBM, PyramidStore, int, torch.device]:
+        """(the model, checked against the dataset; the dataset; the stage used; the
+        device), after :meth:`Runtime.setup`."""
+        from cfebm.evaluate import check_data
+
+        device = self.setup()
+        model, _ = load_model(self.model, device, self.stage)
+        store = PyramidStore(self.data, self.data_storage_options)
+        check_data(model, store, self.model)
+        return model, store, model.stage if self.stage is None else self.stage, device
 
 
 def local_model(uri: str) -> str:

@@ -12,14 +12,12 @@ grid of each set, and logs them to MLflow.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from cfebm import io as cio
 from cfebm.data import PyramidStore, to_unit_range
-from cfebm.evaluate import check_data
 from cfebm.images import grid_png
 from cfebm.ood import (
     OODConfig,
@@ -36,25 +34,14 @@ from pipelines import _cli, models, tracking
 
 
 @dataclass
-class OODStage(OODConfig, models.Runtime):
+class OODStage(OODConfig, models.HeldOutStage):
     """Out-of-distribution detection by energy (params.yaml section ``ood``)."""
 
-    model: str = "models/stage2/model.pt"
-    """The trained model (path, URL, ``runs:/`` or ``models:/`` URI)."""
-    data: str = "data/pyramid"
-    """Pyramid dataset root of the in-distribution data."""
-    data_storage_options: dict[str, Any] = field(default_factory=dict)
-    split: str = "test"
-    """In-distribution split (and the split read from the ``other`` data sets)."""
-    stage: int | None = None
-    """Stage whose energy scores; null: the model's finest."""
     metrics: str = "metrics/ood.json"
     images: str = "outputs/ood"
+    """Folder of roc.png, energy_hist.png and sets.png."""
     plots: str = "plots/ood"
     """DVC plots: the ROC curve of each set, ``<plots>/<set>.csv`` (fpr, tpr)."""
-    """Folder of roc.png, energy_hist.png and sets.png."""
-    grid_images: int = 16
-    """Images of each set in sets.png."""
 
 
 def _row(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,11 +51,7 @@ def _row(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def run(p: OODStage, log=print) -> dict:
     """Score, write the metrics JSON and the plots, log to MLflow; return the metrics."""
-    device = p.setup()
-    model, _ = models.load_model(p.model, device, p.stage)
-    store = PyramidStore(p.data, p.data_storage_options)
-    check_data(model, store, p.model)
-    stage = model.stage if p.stage is None else p.stage
+    model, store, stage, _ = p.open()
     r, c = model.resolution(stage), model.cfg.channels
     images = to_unit_range(store.subset(p.split, r, p.num_images, p.seed))
     sets = builtin_sets(images, p)
@@ -105,15 +88,12 @@ def run(p: OODStage, log=print) -> dict:
         rows = [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)]
         cio.write_csv(cio.join(p.plots, f"{name}.csv"), rows, ["fpr", "tpr"])
     roc = {"in": scores_in.tolist(), **{k: v.tolist() for k, v in scores_out.items()}}
-    if tracking.log_stage(
-        p.mlflow, "ood", {"ood": _cli.public(p)}, metrics, pngs, {"scores.json": json.dumps(roc)}
-    ):
-        log("ood: logged to MLflow")
+    tracking.log_stage("ood", p, metrics, pngs, {"scores.json": json.dumps(roc)}, log=log)
     return metrics
 
 
 main = _cli.stage_main(
-    OODStage, "ood", run, __doc__, lambda p: f"wrote {p.metrics} and {p.images}/"
+    OODStage, "ood", lambda p, _: run(p), __doc__, lambda p, _: f"wrote {p.metrics} and {p.images}/"
 )
 
 

@@ -7,22 +7,24 @@ Writes a dataset root (``prepare.out``) whose manifest is written last (cfebm.da
 
 from __future__ import annotations
 
-from cfebm.data import DataError, PrepareConfig, prepare
+from cfebm.data import PrepareConfig, prepare
 from pipelines import _cli
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        config, extra = _cli.parse(PrepareConfig, "prepare", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(config)
-        manifest = prepare(config, progress=lambda m: print(f"prepare: {m}", flush=True))
-    except DataError as e:
-        _cli.fail("prepare", e)
+def _done(config: PrepareConfig, manifest: dict) -> str:
     skipped = manifest["skipped_count"]
-    print(f"prepare: wrote {config.out}" + (f" ({skipped} skipped)" if skipped else ""))
-    for item in manifest["skipped"][:20]:
-        print(f"prepare: skipped {item['file']}: {item['reason']}")
+    lines = [f"wrote {config.out}" + (f" ({skipped} skipped)" if skipped else "")]
+    lines += [f"skipped {item['file']}: {item['reason']}" for item in manifest["skipped"][:20]]
+    return "\nprepare: ".join(lines)
+
+
+main = _cli.stage_main(
+    PrepareConfig,
+    "prepare",
+    lambda c, _: prepare(c, progress=lambda m: print(f"prepare: {m}", flush=True)),
+    __doc__,
+    _done,
+)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,16 @@ Works shard by shard, so memory is bounded by one shard, and writes the manifest
 
 from __future__ import annotations
 
-from cfebm.data import DataError, PyramidConfig, build_pyramid
+from cfebm.data import PyramidConfig, build_pyramid
 from pipelines import _cli
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        config, extra = _cli.parse(PyramidConfig, "pyramid", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(config)
-        manifest = build_pyramid(config)
-    except DataError as e:
-        _cli.fail("pyramid", e)
+def _done(config: PyramidConfig, manifest: dict) -> str:
     counts = {s: v["count"] for s, v in manifest["splits"].items()}
-    print(f"pyramid: wrote {config.out}: resolutions {manifest['resolutions']}, images {counts}")
+    return f"wrote {config.out}: resolutions {manifest['resolutions']}, images {counts}"
+
+
+main = _cli.stage_main(PyramidConfig, "pyramid", lambda c, _: build_pyramid(c), __doc__, _done)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     # the machine, which fails when other users run Ray on it too): fix the GCS port of
     # the new local Ray and export its address before its processes start.
     port = free_port()
-    _ENV_SET.update({k: os.environ.get(k) for k in _LOCAL_ENV})
+    _ENV_BEFORE.update(os.environ)
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     # Ray runs its workers at nice 15: on a machine shared with other work the training
     # would then get a fraction of the CPU that the same loop gets outside Ray.
@@ -79,26 +79,19 @@ def connect(address: str | None = None, local_cpus: int | None = None) -> str:
     return f"started a local Ray with {cpus} CPU(s) (set RAY_ADDRESS to use a cluster)"
 
 
-_LOCAL_ENV = (
-    "RAY_GCS_SERVER_PORT",
-    "RAY_worker_niceness",
-    "RAY_ADDRESS",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-)
-_ENV_SET: dict[str, str | None] = {}
+_ENV_BEFORE: dict[str, str] = {}
 
 
 def disconnect() -> None:
-    """``ray.shutdown()``, and forget the local Ray's address that :func:`connect` exported."""
+    """``ray.shutdown()``, and the environment as it was before :func:`connect` started a
+    local Ray (without the address it exported)."""
     import ray
 
     ray.shutdown()
-    for k, v in _ENV_SET.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _ENV_SET.clear()
+    if _ENV_BEFORE:
+        os.environ.clear()
+        os.environ.update(_ENV_BEFORE)
+        _ENV_BEFORE.clear()
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import numpy as np
 
 from cfebm import io as cio
 from cfebm.config import ConfigError
+from cfebm.device import resolve
 from cfebm.images import grid_png
 from cfebm.sampling import draw
 from cfebm.trainer import sampler_of
@@ -54,27 +55,28 @@ class SampleOptions:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        o, extra = _cli.parse(SampleOptions, "sample", argv, doc=__doc__)
-        if extra.dry_run:
-            return _cli.print_settings(o)
-        model, ckpt = models.load_model(o.model, models.torch_device(o.device), o.stage)
-        overrides = {
-            k: v for k, v in (("steps", o.steps), ("step_size", o.step_size)) if v is not None
-        }
-        sampler, _ = sampler_of(ckpt, precision=o.precision, **overrides)
-        images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        _cli.fail("sample", e)
+def run(o: SampleOptions, extra=None) -> np.ndarray:
+    """Draw the samples and write them; return them."""
+    model, ckpt = models.load_model(o.model, resolve(o.device), o.stage)
+    overrides = {k: v for k, v in (("steps", o.steps), ("step_size", o.step_size)) if v is not None}
+    sampler, _ = sampler_of(ckpt, precision=o.precision, **overrides)
+    images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage)
     if o.out.endswith(".png"):
         cio.write_bytes(o.out, grid_png(images, scale=o.scale))
     else:
         buf = io.BytesIO()
         np.save(buf, images)
         cio.write_bytes(o.out, buf.getvalue())
-    print(f"wrote {len(images)} samples {images.shape[1:]} to {o.out}")
-    return 0
+    return images
+
+
+main = _cli.stage_main(
+    SampleOptions,
+    "sample",
+    run,
+    __doc__,
+    lambda o, images: f"wrote {len(images)} samples {images.shape[1:]} to {o.out}",
+)
 
 
 if __name__ == "__main__":

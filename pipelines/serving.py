@@ -34,30 +34,18 @@ class EnergyModel(mlflow.pyfunc.PythonModel):
         self.shape = (model.cfg.channels, model.resolution(), model.resolution())
 
     def predict(self, context, model_input, params=None):
-        import numpy as np
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+        from cfebm.images import from_pixels
 
         if isinstance(model_input, dict):  # the named tensor of the signature
             model_input = model_input.get("images", next(iter(model_input.values()), None))
-        x = np.asarray(model_input)
-        shape = ", ".join(map(str, self.shape))
-        integral = x.dtype.kind in "iu" or (
-            x.dtype.kind == "f" and x.size and np.array_equal(x, np.round(x))
-        )
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.shape or not integral or x.size == 0:
-            got = f"{list(x.shape)} of {x.dtype}" + ("" if integral else " with fractions")
-            raise MlflowException(
-                f"expected images [N, {shape}] of integers 0-255 (uint8, as pipelines.sample "
-                f"writes them), got {got}",
-                INVALID_PARAMETER_VALUE,
-            )
-        if x.min() < 0 or x.max() > 255:
-            raise MlflowException(
-                f"expected pixel values 0-255, got {x.min()} to {x.max()}", INVALID_PARAMETER_VALUE
-            )
+        try:
+            x = from_pixels(model_input, self.shape)
+        except ValueError as e:
+            raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():
-            e = self.energy(torch.from_numpy(x.astype(np.float32)) / 127.5 - 1.0)
-        return e.numpy().astype("float32")
+            return self.energy(x).numpy().astype("float32")
 
 
 def log_model(run_id: str, tracking_uri: str, model_path: str, registered_name: str | None) -> str:

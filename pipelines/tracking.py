@@ -334,22 +334,24 @@ def flat_metrics(values: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 def log_stage(
-    options: TrackingOptions,
     name: str,
-    params: Mapping[str, Any],
+    options: Any,
     metrics: Mapping,
     pngs: Mapping[str, bytes] = {},  # noqa: B006 - read only
     texts: Mapping[str, str] = {},  # noqa: B006 - read only
     curve: list[tuple[int, Mapping[str, float]]] = (),
-    key: str | None = None,
+    log=print,
 ) -> str | None:
-    """Log one stage that runs in this process as a nested run of the pipeline run: its
-    settings, metrics (flattened), PNGs, texts and a training ``curve`` [(step, values)];
-    returns the run id (None when tracking is off)."""
-    if not options.enabled:
+    """Log one stage that runs in this process (its settings ``options``, whose ``mlflow``
+    says where) as a nested run of the pipeline run: settings, metrics (flattened), PNGs,
+    texts and a training ``curve`` [(step, values)]; says so with ``log`` and returns the
+    run id (None when tracking is off)."""
+    if not options.mlflow.enabled:
         return None
-    key = key or f"{name}:{invocation_key()}:{time.time_ns()}"
-    with stage_run(options, name, key, params, {"cfebm.stage": name}) as t:
+    from pipelines._cli import public
+
+    key, params = f"{name}:{invocation_key()}:{time.time_ns()}", {name: public(options)}
+    with stage_run(options.mlflow, name, key, params, {"cfebm.stage": name}) as t:
         for step, values in curve:
             log_metrics(t.client, t.run_id, step, {f"train/{k}": v for k, v in values.items()})
         log_metrics(t.client, t.run_id, 0, flat_metrics(metrics))
@@ -359,4 +361,5 @@ def log_stage(
         for file, text in texts.items():
             t.client.log_text(t.run_id, text, f"{name}/{file}")
         t.results = metrics
+    log(f"{name}: logged to MLflow run {t.run_id}")
     return t.run_id

@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,6 +46,7 @@ from cfebm.config import (
     SamplerConfig,
     ScoreConfig,
     TrainConfig,
+    build_dataclass,
 )
 from cfebm.data import DataError, PyramidStore
 from cfebm.data.store import dataset_key, worker_images
@@ -73,8 +74,6 @@ from cfebm.trainer import (
 )
 from pipelines import _cli, ray_utils, tracking
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
 
 @dataclass
 class RayOptions(ray_utils.ClusterOptions):
@@ -86,18 +85,13 @@ class RayOptions(ray_utils.ClusterOptions):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     """Ray resources of each worker; ``CPU`` also sets its torch threads."""
-    placement_strategy: str = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """PACK fills a node first; SPREAD puts workers on different nodes where it can."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.workers < 1:
             raise ConfigError("train.ray.workers must be >= 1")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(
-                f"train.ray.placement_strategy {self.placement_strategy!r} not in "
-                f"{PLACEMENT_STRATEGIES}"
-            )
 
     @property
     def threads_per_worker(self) -> int:
@@ -196,6 +190,11 @@ class TrainStage:
             return self.registered_model or None
         source = PyramidStore(self.data, self.data_storage_options).manifest.get("source")
         return f"cfebm-{(source or {}).get('source', 'data')}"
+
+    @classmethod
+    def read(cls, params: str | None) -> TrainStage:
+        """The ``train`` section of the params file ``params`` (tune and ablation use it)."""
+        return build_dataclass(cls, _cli.load_section(params, "train"), "train")
 
     def model_path(self, stage: int) -> str:
         return os.path.join(self.out, f"stage{stage}", "model.pt")
@@ -516,23 +515,27 @@ def train_loop_per_worker(job: dict) -> dict:
     return {**asdict(summary), "world_size": world}
 
 
-def main(argv: list[str] | None = None) -> None:
-    def arguments(p):
-        p.add_argument("--stage", type=int, required=True, help="stage index s (0 = coarsest)")
-
-    try:
-        opts, extra = _cli.parse(TrainStage, "train", argv, doc=__doc__, arguments=arguments)
-        if extra.dry_run:
-            _cli.print_settings({"stage": extra.stage, **_cli.public(opts)})
-            return
-        metrics = run_stage(opts, extra.stage)
-    except (ConfigError, DataError, FeatureError, StageError, ray_utils.ClusterStorageError) as e:
-        _cli.fail("train", e)
-    print(
-        f"train: stage {extra.stage} done: step {metrics['step']}, {metrics['stage_images']} "
-        f"images, loss {metrics['loss']}, {metrics['rollbacks']} rollback(s); wrote "
-        f"{opts.stage_dir(extra.stage)} and {opts.metrics}/train-stage{extra.stage}.json"
+def _done(opts: TrainStage, m: dict) -> str:
+    s = m["stage"]
+    return (
+        f"stage {s} done: step {m['step']}, {m['stage_images']} images, loss {m['loss']}, "
+        f"{m['rollbacks']} rollback(s); wrote {opts.stage_dir(s)} and "
+        f"{opts.metrics}/train-stage{s}.json"
     )
+
+
+main = _cli.stage_main(
+    TrainStage,
+    "train",
+    lambda opts, extra: run_stage(opts, extra.stage),
+    __doc__,
+    _done,
+    arguments=lambda p: p.add_argument(
+        "--stage", type=int, required=True, help="stage index s (0 = coarsest)"
+    ),
+    settings=lambda opts, extra: {"stage": extra.stage, **_cli.public(opts)},
+    errors=(StageError,),
+)
 
 
 if __name__ == "__main__":

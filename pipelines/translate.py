@@ -26,9 +26,8 @@ from cfebm import io as cio
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
 from cfebm.data import PyramidStore, to_unit_range, training_images
-from cfebm.features import FeatureError
 from cfebm.loop import FileCheckpoints, LoopConfig, resume_from_file
-from cfebm.metrics import InceptionWeightsError, MetricsConfig, compute_metrics, make_extractor
+from cfebm.metrics import Extractors, MetricsConfig, compute_metrics
 from cfebm.sampling import to_uint8
 from cfebm.trainer import Trainer
 from cfebm.translate import evaluate_translation, train_translator, translation_pictures
@@ -36,14 +35,13 @@ from pipelines import _cli, models, tracking
 
 
 @dataclass
-class Fidelity:
-    """FID/KID of the translations against the target domain (cfebm.metrics)."""
+class Fidelity(Extractors):
+    """FID/KID of the translations against the target domain (cfebm.metrics); the domain
+    extractor's ``features`` are trained on the target domain."""
 
     extractors: list[str] = field(default_factory=list)
     """``domain`` and/or ``inception-v3-compat``; empty: no FID/KID."""
     features: str | None = None
-    """Weights of the domain extractor (pipelines.features, trained on the target domain)."""
-    inception_weights: str | None = None
     inception_download: bool = False
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(prc=False))
 
@@ -93,17 +91,12 @@ def fidelity_metrics(
     f: Fidelity, translations: np.ndarray, reference: np.ndarray, device, log=print
 ) -> dict:
     """FID/KID of the translations against target images, with each configured extractor."""
+    try:
+        extractors = f.make()
+    except ValueError as e:  # missing or unknown weights (FeatureError, InceptionWeightsError)
+        raise ConfigError(f"translate.fidelity: {e}") from e
     out: dict[str, float] = {}
-    for name in f.extractors:
-        try:
-            ex = make_extractor(
-                name,
-                features=f.features,
-                inception_weights=f.inception_weights,
-                download=f.inception_download,
-            )
-        except (InceptionWeightsError, FeatureError, ValueError) as e:
-            raise ConfigError(f"translate.fidelity: {e}") from e
+    for ex in extractors:
         values = compute_metrics(translations, reference, ex, f.metrics, device=device)
         log("translate: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         out.update(values)
@@ -163,19 +156,16 @@ def run(p: TranslateStage, log=print) -> dict:
     pngs = translation_pictures(xs, y, maps, n, scale)
     _cli.write_results(p.metrics, metrics, p.images, pngs)
     logged = {**metrics, "train_seconds": round(seconds, 1)}  # timings: MLflow, not DVC
-    if tracking.log_stage(
-        p.mlflow, "translate", {"translate": _cli.public(p)}, logged, pngs, curve=curve
-    ):
-        log("translate: logged to MLflow")
+    tracking.log_stage("translate", p, logged, pngs, curve=curve, log=log)
     return metrics
 
 
 main = _cli.stage_main(
     TranslateStage,
     "translate",
-    run,
+    lambda p, _: run(p),
     __doc__,
-    lambda p: f"wrote {p.model_out}, {p.metrics} and {p.images}/",
+    lambda p, _: f"wrote {p.model_out}, {p.metrics} and {p.images}/",
 )
 
 

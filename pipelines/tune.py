@@ -36,12 +36,11 @@ import torch
 
 from cfebm import io as cio
 from cfebm.checkpoint import TRAINER_FILE, load_checkpoint, save_checkpoint
-from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig, build_dataclass
-from cfebm.data import DataError, PyramidStore
+from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig
+from cfebm.data import PyramidStore
 from cfebm.data.store import dataset_key, training_images
 from cfebm.features import FeatureError
 from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
-from cfebm.metrics import InceptionWeightsError
 from cfebm.redact import redact_url
 from cfebm.search import (
     DIVERGED_SCORE,
@@ -532,32 +531,38 @@ def log_results(track, job, trials, best, grid, result, metrics, fit_seconds) ->
                     tracking.log_png(c, track.run_id, png, "tune/best_samples.png")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _config(p: TuneStage, extra) -> CFEBMConfig:
     from pipelines.train import TrainStage
 
+    return base_config(p, TrainStage.read(extra.params))
+
+
+def _run(p: TuneStage, extra) -> dict:
     try:
-        p, extra = _cli.parse(TuneStage, "tune", argv, doc=__doc__)
-        train = build_dataclass(TrainStage, _cli.load_section(extra.params, "train"), "train")
-        cfg = base_config(p, train)
-        if extra.dry_run:
-            _cli.print_settings({**_cli.public(p), "base_config": dataclasses.asdict(cfg)})
-            return
-        best = run_tune(p, cfg)
-    except (
-        ConfigError,
-        DataError,
-        FeatureError,
-        InceptionWeightsError,
-        TuneError,
-        ray_utils.ClusterStorageError,
-    ) as e:
-        _cli.fail("tune", e)
+        return run_tune(p, _config(p, extra))
     except KeyboardInterrupt as e:
         sys.exit(str(e) or "tune: interrupted; run the stage again to continue")
-    print(
-        f"tune: best {describe(best['sampler'])}: {best['metric_key']} {best['score']:.4g} at "
+
+
+def _done(p: TuneStage, best: dict) -> str:
+    return (
+        f"best {describe(best['sampler'])}: {best['metric_key']} {best['score']:.4g} at "
         f"step {best['step']} (trial {best['trial_id']}); wrote {p.out} and {p.metrics}"
     )
+
+
+main = _cli.stage_main(
+    TuneStage,
+    "tune",
+    _run,
+    __doc__,
+    _done,
+    settings=lambda p, extra: {
+        **_cli.public(p),
+        "base_config": dataclasses.asdict(_config(p, extra)),
+    },
+    errors=(TuneError,),
+)
 
 
 if __name__ == "__main__":

@@ -165,8 +165,9 @@ def test_table_shows_what_differs_scores_per_stage_and_training_time(store):
 
 def test_last_limits_and_show_forces_parameters(store):
     rows = load_pipelines(CompareOptions(tracking_uri=store, last=5))
-    (newest,) = load_pipelines(CompareOptions(tracking_uri=store, last=1))
-    assert len(rows) == 2 and newest.run_id == rows[0].run_id and newest.train_seconds == 70.0
+    newest = load_pipelines(CompareOptions(tracking_uri=store, last=1))
+    assert len(rows) == 2 and list(newest.index) == [rows.index[0]]
+    assert newest["train seconds"].iloc[0] == 70.0
     forced = rows_of(compare(CompareOptions(tracking_uri=store, show=["train.ray.*"])))
     assert forced["train.ray.workers"] == ["1", "1"]
 

@@ -9,8 +9,14 @@ import uuid
 
 import pytest
 
-LONGEST = ("test_infra.py", "test_train_dvc.py", "test_train_cluster.py", "test_tune.py")
-"""The longest files (each 1.5-5 minutes; see ``--durations``), longest first."""
+LONGEST = (
+    "test_train_dvc.py",
+    "test_train_cluster.py",
+    "test_infra.py",
+    "test_bench_smoke.py",
+    "test_tune.py",
+)
+"""The longest files (each 1.5-6 minutes; see ``--durations``), longest first."""
 
 
 def pytest_collection_modifyitems(config, items):

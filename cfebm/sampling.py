@@ -49,9 +49,11 @@ def sample(
     """
     s = model.stage if stage is None else stage
     device = model.device
-    kw = energy_options(cfg, device)
     if not cfg.coarse_to_fine:
-        energy = energies[-1] if energies else FrozenEnergy(model.nets[s], beta, **kw)
+        if energies:
+            energy = energies[-1]
+        else:
+            energy = FrozenEnergy(model.nets[s], beta, **energy_options(cfg, device))
         x = uniform_noise(n, model.cfg.channels, model.resolution(s), generator, device)
         k = cfg.chain_steps(s)
         return sample_langevin(
@@ -76,6 +78,7 @@ def sample(
         first = model.cfg.resolutions.index(r)
         x = x_init.to(device)
     if energies is None:
+        kw = energy_options(cfg, device)  # (only here: a caller's energies have theirs)
         energies = stage_energies(model, s, beta, first_stage=first, **kw)
     else:
         energies = list(energies)[first : s + 1]

@@ -100,3 +100,25 @@ def test_compiled_chain_equals_eager_and_compiles_once_for_new_weights_and_fade(
         for a, b in zip(compiled_eg, eager_eg):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1  # one graph: new weights, new beta
+
+
+def test_a_bf16_fallback_is_said_once_not_at_every_training_step():
+    """On a CPU without bf16 units (capped at AVX2 here), ``precision: bf16`` falls back to
+    fp32 with one warning when the trainer starts, not one per chain."""
+    code = (
+        "import logging, torch; logging.basicConfig();"
+        "from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig;"
+        "from cfebm.loop import fit; from cfebm.trainer import Trainer;"
+        "m = ModelConfig(resolutions=[4], base_width=4, channels=1);"
+        "cfg = CFEBMConfig(m, SamplerConfig(steps=2, precision='bf16'),"
+        " TrainConfig(batch_size={4: 4}, images={4: 16}));"
+        "t = Trainer(cfg, {4: torch.zeros(8, 1, 4, 4)}); fit(t, max_steps=4);"
+        "print(t.state.step, t.energy_options['dtype'])"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4", "torch.float32"]
+    assert done.stderr.count("has no bf16 units") == 1, done.stderr

@@ -182,6 +182,8 @@ class Tracking:
         self.run_id: str | None = None
         self.name = ""
         self._monitor = None
+        self.continued = False
+        """Whether :meth:`start` continued a killed attempt's run."""
         self.results: Mapping | None = None
         """What :func:`stage_run` ends the run with (the stage's final metrics)."""
 
@@ -210,7 +212,7 @@ class Tracking:
             self.parent = killed.data.tags.get("mlflow.parentRunId")
             if self.parent and self.key:  # the rest of this invocation joins that pipeline run
                 self.client.set_tag(self.parent, PIPELINE_TAG, self.key)
-            continued = True
+            self.continued = True
         else:
             if killed is not None:
                 self.client.set_terminated(killed.info.run_id, "KILLED")
@@ -227,13 +229,13 @@ class Tracking:
                 self.experiment_id, run_name=name, tags=tags
             ).info.run_id
             self.params(params)
-            continued = False
+            self.continued = False
         if self.options.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
             self._monitor.start()
-        return continued
+        return self.continued
 
     def params(self, params: Mapping[str, Any]) -> None:
         """The stage's settings on its run, and those that every stage of a pipeline run
@@ -278,7 +280,7 @@ def stage_run(options: TrackingOptions, name: str, key: str, params: Mapping, ta
         yield None
         return
     track = Tracking(options)
-    track.continued = track.start(name, key, params, tags)
+    track.start(name, key, params, tags)
     try:
         yield track
     except KeyboardInterrupt:

@@ -30,6 +30,16 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def run_capped_at_avx2(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` on this CPU computing as an AVX2-only one does (no bf16 units)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_auto_is_bf16_only_where_the_cpu_has_bf16_units():
     has_units = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     assert native_bf16("cpu") == has_units
@@ -49,11 +59,7 @@ def test_an_instruction_set_capped_at_avx2_never_gets_bf16(caplog):
         "from cfebm.device import sampling_dtype, native_bf16;"
         "print(native_bf16('cpu'), sampling_dtype('auto', 'cpu'), sampling_dtype('bf16', 'cpu'))"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_capped_at_avx2(code)
     assert done.stdout.split() == ["False", "torch.float32", "torch.float32"]
     assert "has no bf16 units" in done.stderr
 
@@ -115,10 +121,6 @@ def test_a_bf16_fallback_is_said_once_not_at_every_training_step():
         "t = Trainer(cfg, {4: torch.zeros(8, 1, 4, 4)}); fit(t, max_steps=4);"
         "print(t.state.step, t.energy_options['dtype'])"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_capped_at_avx2(code)
     assert done.stdout.split() == ["4", "torch.float32"]
     assert done.stderr.count("has no bf16 units") == 1, done.stderr

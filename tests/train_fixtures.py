@@ -191,7 +191,9 @@ class HoldingProxy:
     """An HTTP proxy in front of an S3 endpoint that passes every request through, except
     that, once :meth:`hold` is armed, it stops the first PUT whose path matches: the request
     never reaches the store, :attr:`caught` is set while it waits, and after :meth:`drop` its
-    connection is closed. A test kills a worker while its checkpoint upload is in flight."""
+    connection is closed. A test kills the uploading process (:meth:`holder`) while its
+    checkpoint upload is in flight: killing another worker would let the held client retry,
+    and the upload would arrive after all."""
 
     def __init__(self, upstream: str):
         import http.server
@@ -202,6 +204,7 @@ class HoldingProxy:
         self.pattern: re.Pattern | None = None
         self.caught, self.dropped = threading.Event(), threading.Event()
         self.held: str | None = None
+        self.held_from: tuple[str, int] | None = None
         self.lock = threading.Lock()
         proxy = self
 
@@ -213,7 +216,7 @@ class HoldingProxy:
 
             def forward(self) -> None:
                 body = _request_body(self)
-                if self.command == "PUT" and proxy._catch(self.path):
+                if self.command == "PUT" and proxy._catch(self.path, self.client_address):
                     proxy.dropped.wait(120)
                     self.close_connection = True
                     return
@@ -233,13 +236,24 @@ class HoldingProxy:
             self.caught.clear()
             self.dropped.clear()
 
-    def _catch(self, path: str) -> bool:
+    def _catch(self, path: str, client: tuple[str, int]) -> bool:
         with self.lock:
             if self.pattern is None or not self.pattern.search(path):
                 return False
-            self.pattern, self.held = None, path
+            self.pattern, self.held, self.held_from = None, path, client
         self.caught.set()
         return True
+
+    def holder(self) -> int:
+        """PID of the process whose held request waits on this proxy (the local end of
+        its connection is the client address that the proxy saw)."""
+        import psutil
+
+        port = self.server.server_address[1]
+        for c in psutil.net_connections(kind="tcp"):
+            if c.pid and c.laddr == self.held_from and c.raddr and c.raddr.port == port:
+                return c.pid
+        raise LookupError(f"no process holds the connection from {self.held_from}")
 
     def drop(self) -> None:
         self.dropped.set()

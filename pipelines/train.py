@@ -87,11 +87,15 @@ class RayOptions(ray_utils.ClusterOptions):
     """Ray resources of each worker; ``CPU`` also sets its torch threads."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """PACK fills a node first; SPREAD puts workers on different nodes where it can."""
+    poll_interval_s: float = 0.25
+    """Seconds between Ray Train's checks of its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S;
+    Ray's default is 2). A checkpoint's report waits for the next check, so with fast steps
+    a long interval stalls every checkpoint; a lost worker is noticed within it too."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.workers < 1:
-            raise ConfigError("train.ray.workers must be >= 1")
+        if self.workers < 1 or not self.poll_interval_s > 0:
+            raise ConfigError("train.ray.workers must be >= 1 and poll_interval_s > 0")
 
     @property
     def threads_per_worker(self) -> int:
@@ -246,6 +250,12 @@ def selection_features(opts: TrainStage, stage: int) -> bytes | None:
 # --- the driver -------------------------------------------------------------------------------
 
 
+def ray_train_settings(ray_opts: RayOptions) -> None:
+    """Ray Train's own settings, in the environment that fit() reads when it creates its
+    controller (which passes them on to the workers)."""
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(ray_opts.poll_interval_s)
+
+
 class StageError(RuntimeError):
     """The stage produced no model (diverged past the rollback limit, or failed)."""
 
@@ -304,6 +314,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
+        ray_train_settings(opts.ray)
         t_fit = time.time()
         try:
             result = trainer.fit()

@@ -81,6 +81,7 @@ def test_dotted_overrides_lay_over_the_params_file(tmp_path):
         ({"ray": {"workerz": 2}}, r"unknown option\(s\) train\.ray\.workerz"),
         ({"sampler": {"steps": 0}}, r"sampler\.steps must be >= 1"),
         ({"ray": {"placement_strategy": "NEAR"}}, "placement_strategy"),
+        ({"ray": {"poll_interval_s": 0}}, "poll_interval_s > 0"),
         ({"stages": [{"stage": 0, "after": "x"}]}, "one DVC stage per resolution"),
         ({"model": {"resolutions": [4, 8], "network": "resnet"}}, "model.network"),
     ],
@@ -222,3 +223,16 @@ def test_the_selection_weights_are_read_once_before_ray_or_named_when_missing(tm
         selection_features(opts(every_images=64), 1)
     weights.write_bytes(b"the extractor")
     assert selection_features(opts(every_images=64), 1) == b"the extractor"  # for any node
+
+
+def test_ray_trains_poll_interval_reaches_its_controller(monkeypatch):
+    """Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s
+    by default) and a checkpoint's report waits for the next poll: the stage's setting is
+    among the variables that fit() passes on to the controller."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from pipelines.train import RayOptions, ray_train_settings
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")  # (restored afterwards)
+    ray_train_settings(RayOptions(poll_interval_s=0.3))
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.3"

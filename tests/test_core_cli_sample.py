@@ -12,6 +12,7 @@ from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig
 from cfebm.loop import fit
 from cfebm.trainer import Trainer
+from pipelines import sample
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,13 @@ def test_bad_inputs_are_clear_errors(checkpoint, tmp_path):
         (("--model", checkpoint, "--steps", "0"), "--steps must be >= 1"),
         (("--model", checkpoint, "--steps", "-3"), "--steps must be >= 1"),
     ]
-    for args, message in cases:
-        r = run(*args, *out)
-        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
-        assert "Traceback" not in r.stderr
+    # One as a user meets it (exit status, one line, no traceback); the rest in this process
+    # through the same main(), whose only way out on bad input is SystemExit with the line.
+    r = run(*cases[0][0], *out)
+    assert r.returncode != 0 and cases[0][1] in r.stderr and "Traceback" not in r.stderr
+    for args, message in cases[1:]:
+        with pytest.raises(SystemExit) as e:
+            sample.main([*args, *out])
+        assert isinstance(e.value.code, str) and message in e.value.code, (args, e.value.code)
+        assert e.value.code.startswith("sample: error: ")
     assert not (tmp_path / "x.npy").exists()

@@ -22,6 +22,7 @@ from cfebm.search import (
     with_sampler,
 )
 from pipelines.train import TrainStage
+from pipelines import tune as tune_stage
 from pipelines.tune import TuneStage, _resumable_asha, base_config, experiment_key, param_space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,21 +178,26 @@ def test_resumable_asha_rebuilds_its_rungs_from_trial_checkpoints(tmp_path):
     assert decisions["resumable"] == TrialScheduler.STOP  # worse than the restored rung
 
 
-def test_cli_dry_run_and_help(tmp_path):
+def test_cli_dry_run_and_help(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": TRAIN, "tune": {"num_samples": 3}}))
     cmd = [sys.executable, "-m", "pipelines.tune", "--params", str(params)]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
+    done = subprocess.run(  # as a user runs it; the other cases through the same main()
         [*cmd, "--dry-run", "--seed", "4"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
     assert resolved["num_samples"] == 3 and resolved["seed"] == 4
     assert resolved["base_config"]["model"]["resolutions"] == [4, 8]
-    bad = subprocess.run([*cmd, "--stage", "1"], capture_output=True, text=True, env=env)
-    assert bad.returncode != 0 and "tune.warm_start" in bad.stderr
-    helptext = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env).stdout
+    with pytest.raises(SystemExit) as bad:
+        tune_stage.main(["--params", str(params), "--stage", "1"])
+    assert "tune.warm_start" in str(bad.value.code)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as shown:
+        tune_stage.main(["--params", str(params), "--help"])
+    assert shown.value.code == 0
+    helptext = capsys.readouterr().out
     for option in (
         "--time_budget_s",
         "--max_concurrent_trials",

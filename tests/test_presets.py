@@ -62,7 +62,7 @@ def test_each_preset_gives_valid_training_options(checkout, name):
         == load(f"{REPO}/params.yaml")["train"]["loop"]["max_rollbacks"]
     )
     # The training stage accepts the result (types and values checked, as in a run).
-    resolved = train_dry_run(str(checkout), code=REPO)
+    resolved = train_dry_run(str(checkout))
     assert resolved["model"]["resolutions"] == preset["train"]["model"]["resolutions"]
 
 

@@ -21,8 +21,8 @@ from cfebm.search import (
     tuned_sampler,
     with_sampler,
 )
-from pipelines.train import TrainStage
 from pipelines import tune as tune_stage
+from pipelines.train import TrainStage
 from pipelines.tune import TuneStage, _resumable_asha, base_config, experiment_key, param_space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -173,18 +174,20 @@ def ray_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="rt", dir="/tmp")
 
 
-def train_dry_run(root: str, code: str | None = None) -> dict:
-    """``python -m pipelines.train --stage 0 --dry-run`` on ``root``'s params.yaml (the
-    project's code from ``code``, default ``root``): the stage accepts them; returns the
+def train_dry_run(root: str) -> dict:
+    """``python -m pipelines.train --stage 0 --dry-run`` on ``root``'s params.yaml, through
+    its main() in this process (the project's code): the stage accepts them; returns the
     resolved settings."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--params", "params.yaml", "--stage", "0",
-         "--dry-run"],
-        cwd=root, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": code or root},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    return yaml.safe_load(done.stdout)
+    from pipelines import train
+
+    out, here = io.StringIO(), os.getcwd()
+    try:
+        os.chdir(root)
+        with contextlib.redirect_stdout(out):
+            train.main(["--params", "params.yaml", "--stage", "0", "--dry-run"])
+    finally:
+        os.chdir(here)
+    return yaml.safe_load(out.getvalue())
 
 
 class HoldingProxy:

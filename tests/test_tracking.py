@@ -14,6 +14,7 @@ import pytest
 
 from pipelines import tracking
 from pipelines.compare import CompareOptions, compare, load_pipelines
+from pipelines.compare import main as compare_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRACTOR = "cfebm-digits-cnn"
@@ -172,16 +173,15 @@ def test_last_limits_and_show_forces_parameters(store):
     assert forced["train.ray.workers"] == ["1", "1"]
 
 
-def test_cli_csv_has_one_row_per_run(store):
+def test_cli_csv_has_one_row_per_run(store, capsys):
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "pipelines.compare", "--tracking_uri", store]
-    done = subprocess.run(
+    done = subprocess.run(  # as a user runs it; the error case through the same main()
         [*cmd, "--format", "csv"], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr
     table = list(csv.DictReader(io.StringIO(done.stdout)))
     assert [r["train.sampler.step_size"] for r in table] == ["0.5", "1"]
-    missing = subprocess.run(
-        [*cmd, "--experiment", "no"], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert missing.returncode != 0 and "no MLflow experiment 'no'" in missing.stderr
+    with pytest.raises(SystemExit) as missing:
+        compare_main(["--tracking_uri", store, "--experiment", "no"])
+    assert "no MLflow experiment 'no'" in str(missing.value.code)

@@ -94,8 +94,10 @@ class RayOptions(ray_utils.ClusterOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.workers < 1 or not self.poll_interval_s > 0:
-            raise ConfigError("train.ray.workers must be >= 1 and poll_interval_s > 0")
+        if self.workers < 1:
+            raise ConfigError(f"train.ray.workers must be >= 1, got {self.workers}")
+        if not self.poll_interval_s > 0:
+            raise ConfigError(f"train.ray.poll_interval_s must be > 0, got {self.poll_interval_s}")
 
     @property
     def threads_per_worker(self) -> int:

@@ -81,7 +81,7 @@ def test_dotted_overrides_lay_over_the_params_file(tmp_path):
         ({"ray": {"workerz": 2}}, r"unknown option\(s\) train\.ray\.workerz"),
         ({"sampler": {"steps": 0}}, r"sampler\.steps must be >= 1"),
         ({"ray": {"placement_strategy": "NEAR"}}, "placement_strategy"),
-        ({"ray": {"poll_interval_s": 0}}, "poll_interval_s > 0"),
+        ({"ray": {"poll_interval_s": 0}}, r"train\.ray\.poll_interval_s must be > 0, got 0"),
         ({"stages": [{"stage": 0, "after": "x"}]}, "one DVC stage per resolution"),
         ({"model": {"resolutions": [4, 8], "network": "resnet"}}, "model.network"),
     ],

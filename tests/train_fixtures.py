@@ -180,13 +180,9 @@ def train_dry_run(root: str) -> dict:
     resolved settings."""
     from pipelines import train
 
-    out, here = io.StringIO(), os.getcwd()
-    try:
-        os.chdir(root)
-        with contextlib.redirect_stdout(out):
-            train.main(["--params", "params.yaml", "--stage", "0", "--dry-run"])
-    finally:
-        os.chdir(here)
+    out = io.StringIO()
+    with contextlib.chdir(root), contextlib.redirect_stdout(out):
+        train.main(["--params", "params.yaml", "--stage", "0", "--dry-run"])
     return yaml.safe_load(out.getvalue())
 
 

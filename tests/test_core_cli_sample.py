@@ -1,4 +1,5 @@
-"""`python -m pipelines.sample` as a user runs it: a subprocess on a real checkpoint."""
+"""`python -m pipelines.sample` as a user runs it, on a real checkpoint: once in a process of
+its own, otherwise through the same main() in this process."""
 
 import subprocess
 import sys
@@ -36,30 +37,42 @@ def run(*args):
     )
 
 
-def test_writes_uint8_nchw_npy_of_finest_and_coarser_stage(checkpoint, tmp_path):
-    out = tmp_path / "s.npy"
-    r = run("--model", checkpoint, "--num", "5", "--batch", "2", "--out", str(out))
+SEEDED = ("--num", "5", "--batch", "2", "--seed", "5")
+
+
+@pytest.fixture(scope="module")
+def from_the_command_line(checkpoint, tmp_path_factory):
+    """Samples written by ``python -m pipelines.sample`` in a process of its own (the rest
+    of this module calls the same main() in this process: a subprocess only adds the
+    start-up time of torch)."""
+    out = tmp_path_factory.mktemp("cli") / "s.npy"
+    r = run("--model", checkpoint, *SEEDED, "--out", str(out))
     assert r.returncode == 0, r.stderr
-    a = np.load(out)
+    assert f"wrote 5 samples (3, 8, 8) to {out}" in r.stdout
+    return np.load(out)
+
+
+def test_writes_uint8_nchw_npy_of_finest_and_coarser_stage(
+    checkpoint, from_the_command_line, tmp_path
+):
+    a = from_the_command_line
     assert a.shape == (5, 3, 8, 8) and a.dtype == np.uint8
-    r = run("--model", checkpoint, "--num", "3", "--stage", "0", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    out = tmp_path / "s.npy"
+    sample.main(["--model", checkpoint, "--num", "3", "--stage", "0", "--out", str(out)])
     assert np.load(out).shape == (3, 3, 4, 4)
 
 
-def test_same_seed_same_samples(checkpoint, tmp_path):
-    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    for f in (a, b):
-        assert (
-            run("--model", checkpoint, "--num", "4", "--seed", "5", "--out", str(f)).returncode == 0
-        )
-    assert np.array_equal(np.load(a), np.load(b))
+def test_same_seed_same_samples(checkpoint, from_the_command_line, tmp_path):
+    out = tmp_path / "again.npy"
+    sample.main(["--model", checkpoint, *SEEDED, "--out", str(out)])  # here, not a subprocess
+    assert np.array_equal(np.load(out), from_the_command_line)
+    sample.main(["--model", checkpoint, *SEEDED[:4], "--seed", "6", "--out", str(out)])
+    assert not np.array_equal(np.load(out), from_the_command_line)
 
 
 def test_png_grid(checkpoint, tmp_path):
     out = tmp_path / "grid.png"
-    r = run("--model", checkpoint, "--num", "4", "--out", str(out), "--scale", "2")
-    assert r.returncode == 0, r.stderr
+    sample.main(["--model", checkpoint, "--num", "4", "--out", str(out), "--scale", "2"])
     img = Image.open(out)
     assert img.size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 grid of 8px images x2, 1px borders
 

@@ -1,16 +1,17 @@
-"""`python -m pipelines.features` and `python -m pipelines.evaluate` as DVC runs them:
-subprocesses on a tiny digits pyramid and tiny two-stage checkpoints made here (plus a few
-checks in-process, where a subprocess would only add start-up time)."""
+"""The features and evaluate stages through their command lines (main() with the arguments
+DVC passes, in this process: tests/test_train_dvc.py runs both as DVC does, in processes of
+their own) and their library paths, on a tiny digits pyramid and tiny two-stage checkpoints
+made here."""
 
+import contextlib
+import importlib
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from fixtures_models import torch_threads
 from PIL import Image
 
 from cfebm.checkpoint import save_checkpoint
@@ -25,16 +26,14 @@ from pipelines.evaluate import EvaluateStage
 from pipelines.evaluate import main as evaluate_main
 from pipelines.evaluate import run as evaluate_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "cfebm-digits-cnn"
 
 
-def run(module: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env
-    )
+def run(module: str, *args: str, cwd) -> None:
+    """``python -m <module> <args>`` in ``cwd``, through the module's main() here; a failure
+    is its SystemExit with the one-line message."""
+    with contextlib.chdir(cwd), torch_threads(1):
+        importlib.import_module(module).main(list(args))
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +61,12 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def features(workdir):
     """The features stage CLI: trains the extractor, writes weights + metrics."""
-    r = run(
+    run(
         "pipelines.features",
         "--data", "pyr", "--out", "models/features.pt", "--metrics", "metrics/features.json",
         "--epochs", "3", "--width", "8", "--feature_dim", "16",
         cwd=str(workdir),
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
     return workdir / "models" / "features.pt"
 
 
@@ -100,12 +98,11 @@ def test_evaluate_writes_nested_dvc_metrics_and_grids(features, workdir):
             }
         )
     )
-    r = run(
+    run(
         "pipelines.evaluate", "--params", "params.yaml", "--mlflow.enabled", "false",
         "--num_reference", "100", "--grid_count", "9",
         cwd=str(workdir),
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
     results = json.loads((workdir / "metrics" / "evaluate.json").read_text())
     assert list(results) == ["stage_0", "stage_1"]
     assert results["stage_0"]["resolution"] == 4 and results["stage_1"]["resolution"] == 8

@@ -1,5 +1,6 @@
-"""End to end on one project: ``dvc repro`` of the smoke pipeline (prepare, pyramid, train@0,
-train@1) on a local Ray, killed in the middle of train@1 and run again; then what users do
+"""End to end on one project: the smoke pipeline (prepare, pyramid, train@0, train@1) as
+``make run`` runs it (``python -m pipelines.run``: ``dvc repro`` with one local Ray that the
+training stages share), killed in the middle of train@1 and run again; then what users do
 with the result: DVC plots, the registered MLflow model served over HTTP, and a DVC
 experiment with a changed parameter.
 
@@ -89,7 +90,8 @@ def killed_and_resumed(tmp_path_factory):
     )
     root = make_project(tmp / "proj", params, stages=(*TRAINING_STAGES, "features", "evaluate"))
     renv = {"RAY_TMPDIR": RAY_TMP, "AWS_SECRET_ACCESS_KEY": PLANTED[1]}
-    first = start(["dvc", "repro", "train@1"], root, str(tmp / "first.log"), **renv)
+    pipeline = ["python", "-m", "pipelines.run"]  # what `make run` runs
+    first = start([*pipeline, "train@1"], root, str(tmp / "first.log"), **renv)
     try:
         wait_for(
             lambda: [s for s in registered_steps(root) if s >= 2 * INJECT_AT],
@@ -98,11 +100,11 @@ def killed_and_resumed(tmp_path_factory):
             proc=first,
         )
     finally:
-        kill_group(first)  # dvc, the stage's driver and its local Ray
+        kill_group(first)  # pipelines.run, its local Ray, dvc and the stage's driver
     assert os.path.exists(f"{root}/models/stage0/model.pt")
     assert not os.path.exists(f"{root}/metrics/train-stage1.json")
     killed_at = max(registered_steps(root))
-    second = run(["dvc", "repro"], root, timeout=400, **renv)  # and features, evaluate
+    second = run([*pipeline, "evaluate"], root, timeout=400, **renv)  # and features
     with open(tmp / "first.log") as f:
         LOGS.extend([f.read(), second.stdout + second.stderr])
     return root, second.stdout + second.stderr, killed_at
@@ -111,6 +113,15 @@ def killed_and_resumed(tmp_path_factory):
 def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(killed_and_resumed):
     root, out, killed_at = killed_and_resumed
     assert "Running stage 'train@0'" not in out and "Running stage 'train@1'" in out
+    # One local Ray for the whole pipeline: the training stages joined the one that
+    # pipelines.run started, before the kill and after it.
+    first = LOGS[0]
+    assert first.count("run: started a local Ray") == 1 and "started a local Ray" not in (
+        first.replace("run: started a local Ray", "")
+    )
+    assert first.count("train: joined the Ray cluster at") == 2  # train@0, train@1
+    assert out.count("run: started a local Ray") == 1
+    assert out.count("train: joined the Ray cluster at") == 1
 
     m0, m1 = (
         {**read(f"{root}/metrics/train-stage{s}.json"), **read(f"{root}/models/stage{s}/run.json")}
@@ -285,7 +296,8 @@ def test_the_mlflow_ui_lists_the_runs_and_compares_two_pipelines(
     port = free_port()
     ui = start([os.path.join(BIN, "mlflow"), "ui", "--backend-store-uri",
                 f"sqlite:///{root}/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1"], root, str(tmp_path / "ui.log"))  # fmt: skip
+                "--workers", "1"], root, str(tmp_path / "ui.log"),
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # as `make ui` starts it  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(answers(f"{url}/health"), 120, "mlflow ui", interval=0.5, proc=ui)

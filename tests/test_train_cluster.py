@@ -45,6 +45,7 @@ from cfebm.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 NICENESS = "RAY_worker_niceness"  # Ray's own (lower-case) config variable
+WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,10 @@ def cluster(aws):
     import ray
     from ray.cluster_utils import Cluster
 
-    names = ("RAY_TMPDIR", "PATH", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", NICENESS)
+    names = ("RAY_TMPDIR", "PATH", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", NICENESS, WATCHER)
     saved = {k: os.environ.get(k) for k in names}
     os.environ[NICENESS] = "0"  # as pipelines.ray_utils does for a local Ray
+    os.environ[WATCHER] = "0"  # as infra/local/cluster.sh does: no spot instances here
     os.environ["RAY_TMPDIR"] = ray_tmpdir()
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     # The cluster's own processes find it by RAY_ADDRESS, not by scanning the machine.

@@ -239,6 +239,7 @@ write_env() {
 		export CFEBM_RAY_GCS_ADDRESS=$HOST:$RAY_PORT
 		export RAY_AUTH_MODE=token
 		export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
+		export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
 		# MLflow tracking server (artifacts are proxied by the server to S3)
 		export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT
 		# S3 (moto): s3fs, boto3, DVC and pyarrow read these
@@ -321,6 +322,9 @@ up() {
 	# On SIGTERM a node first waits (30 s by default) for Serve replicas to drain; there are
 	# none here, so `down` need not wait.
 	export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+	# Ray Train's preemption watcher (one more actor process in every training run) watches
+	# for spot instances being reclaimed; the nodes of this cluster are processes here.
+	export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
 	# Ray's own helpers (e.g. Ray Train's placement-group cleaner) find the dashboard with
 	# address "auto", which fails when other Ray clusters run on the same machine: name it.
 	export RAY_API_SERVER_ADDRESS=http://$HOST:$DASHBOARD_PORT

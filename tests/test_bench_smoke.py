@@ -1,18 +1,16 @@
 """`make bench` plumbing: the Langevin benchmark's equivalence check and its tables.
 
 The smoke preset shrinks the networks to a width of 2 and runs 2 Langevin steps on 2
-images: it checks that the benchmark runs and reports what it should, not the speed. The
-subprocess run takes about 20 s on an idle 2-core machine (10 child interpreters); its
-timeout only guards against a hang on a loaded one.
+images: it checks that the benchmark runs and reports what it should, not the speed. Its
+main() runs in the test process; the measurements in 9 child interpreters, as in `make bench`.
 """
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from fixtures_models import torch_threads
 
+from benchmarks import langevin as bench_langevin
+from benchmarks import presets as bench_presets
 from benchmarks import run as bench_run
 from benchmarks.langevin import (
     BF16_TOLERANCE,
@@ -30,7 +28,6 @@ from benchmarks.langevin import (
 from cfebm.frozen import FrozenEnergy
 from cfebm.langevin import energy_and_grad
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = PRESETS["smoke"]
 
 
@@ -102,12 +99,15 @@ def test_naive_sampler_accumulates_parameter_gradients():
     assert grads and all(grads)  # the waste the fused sampler avoids
 
 
-def test_smoke_run_prints_every_table():
-    cmd = [sys.executable, "-m", "benchmarks.langevin", "--smoke", "--network", "cifar10"]
-    # (about 50 s alone; the timeout only guards against a hang, beside other test workers)
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+def test_smoke_run_prints_every_table(capsys):
+    # main() here, as `python -m benchmarks.langevin --smoke --network cifar10` runs it: its
+    # measurements run in child interpreters of their own (fresh allocators and peaks).
+    with torch_threads(torch.get_num_threads()):  # (the preset sets them; restored after)
+        report = bench_langevin.main(["--smoke", "--network", "cifar10"])
+    out = capsys.readouterr().out
+    assert set(report["cpu"]["memory"]["cifar10"]) == {
+        "naive", "fast-fp32", "fast-bf16", "train-naive", "train-fast",
+    }  # fmt: skip
     assert "Equivalence with the naive path on cpu" in out and "all passed" in out
     for stage, res in enumerate((8, 16, 32)):
         assert f"| cifar10 | {stage} | {res} | 1 |" in out  # equivalence, beta 1
@@ -128,11 +128,10 @@ def test_run_skips_a_missing_benchmark(capsys):
     assert bench_run.main(["not_written_yet"]) == 0
 
 
-def test_preset_costs_are_measured_per_stage_and_extrapolated():
-    cmd = [sys.executable, "-m", "benchmarks.presets", "--presets", "cifar10-smoke", "--steps", "1"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()]
+def test_preset_costs_are_measured_per_stage_and_extrapolated(capsys):
+    # (main() here; each preset is measured in a child interpreter of its own)
+    assert bench_presets.main(["--presets", "cifar10-smoke", "--steps", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()]
     rows = [[c.strip() for c in r] for r in rows if r and r[0].strip() == "cifar10-smoke"]
     assert [(r[1], r[2], r[3]) for r in rows] == [
         ("0", "8", "32"),

@@ -42,9 +42,9 @@ def make_grid(
     (default: a square), each enlarged ``scale`` times (nearest) with a black border.
 
     The layout is ``torchvision.utils.make_grid``'s (the tests compare the two pixel for
-    pixel), computed here because importing torchvision imports ``torch._dynamo``: about
-    5 s of CPU in every process that draws a picture (each training stage's driver and
-    rank-0 worker, every CLI), on a 2-core machine without AVX-512."""
+    pixel), computed here because importing torchvision imports ``torch._dynamo``: 3.7 s of
+    CPU on top of torch's own import, measured on a 2-core machine without AVX-512, in every
+    process that draws a picture (each training stage's driver and rank-0 worker, every CLI)."""
     x = _tensor(images).numpy()
     if scale > 1:
         x = x.repeat(scale, axis=2).repeat(scale, axis=3)

@@ -37,7 +37,8 @@ def run(*args):
     )
 
 
-SEEDED = ("--num", "5", "--batch", "2", "--seed", "5")
+COUNT = ("--num", "5", "--batch", "2")
+SEEDED = (*COUNT, "--seed", "5")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_same_seed_same_samples(checkpoint, from_the_command_line, tmp_path):
     out = tmp_path / "again.npy"
     sample.main(["--model", checkpoint, *SEEDED, "--out", str(out)])  # here, not a subprocess
     assert np.array_equal(np.load(out), from_the_command_line)
-    sample.main(["--model", checkpoint, *SEEDED[:4], "--seed", "6", "--out", str(out)])
+    sample.main(["--model", checkpoint, *COUNT, "--seed", "6", "--out", str(out)])
     assert not np.array_equal(np.load(out), from_the_command_line)
 
 

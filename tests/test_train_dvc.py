@@ -113,15 +113,11 @@ def killed_and_resumed(tmp_path_factory):
 def test_killed_repro_resumes_the_stage_and_divergence_is_recovered(killed_and_resumed):
     root, out, killed_at = killed_and_resumed
     assert "Running stage 'train@0'" not in out and "Running stage 'train@1'" in out
-    # One local Ray for the whole pipeline: the training stages joined the one that
-    # pipelines.run started, before the kill and after it.
-    first = LOGS[0]
-    assert first.count("run: started a local Ray") == 1 and "started a local Ray" not in (
-        first.replace("run: started a local Ray", "")
-    )
-    assert first.count("train: joined the Ray cluster at") == 2  # train@0, train@1
-    assert out.count("run: started a local Ray") == 1
-    assert out.count("train: joined the Ray cluster at") == 1
+    # One local Ray for the whole pipeline, started by pipelines.run: the training stages
+    # joined it, before the kill (train@0, train@1) and after it (train@1).
+    for log, stages in ((LOGS[0], 2), (out, 1)):
+        assert log.count("started a local Ray") == 1 and "run: started a local Ray" in log
+        assert log.count("train: joined the Ray cluster at") == stages
 
     m0, m1 = (
         {**read(f"{root}/metrics/train-stage{s}.json"), **read(f"{root}/models/stage{s}/run.json")}

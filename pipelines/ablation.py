@@ -103,4 +103,4 @@ main = _cli.stage_main(AblationOptions, "ablation", _run, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    _cli.script(main)

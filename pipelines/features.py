@@ -54,4 +54,4 @@ main = _cli.stage_main(
 
 
 if __name__ == "__main__":
-    main()
+    _cli.script(main)

@@ -20,4 +20,4 @@ main = _cli.stage_main(PyramidConfig, "pyramid", lambda c, _: build_pyramid(c), 
 
 
 if __name__ == "__main__":
-    main()
+    _cli.script(main)

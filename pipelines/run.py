@@ -22,6 +22,8 @@ import sys
 
 import yaml
 
+from pipelines import _cli
+
 PRESETS = "presets"
 PARAMS = "params.yaml"
 TARGETS = ("evaluate", "restore", "ood", "translate")
@@ -147,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.script(main)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -236,3 +237,40 @@ def test_ray_trains_poll_interval_reaches_its_controller(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")  # (restored afterwards)
     ray_train_settings(RayOptions(poll_interval_s=0.3))
     assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.3"
+
+
+def test_a_stage_run_as_a_program_exits_without_the_final_collections():
+    """_cli.script freezes what is alive once main() is done (the interpreter's teardown then
+    skips it), passes a non-zero return on as the exit status, and freezes on exit too."""
+    import gc
+
+    try:
+        _cli.script(lambda: None)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        with pytest.raises(SystemExit) as e:
+            _cli.script(lambda: 3)
+        assert e.value.code == 3 and gc.get_freeze_count() > 0
+        gc.unfreeze()
+        with pytest.raises(SystemExit, match="stage: error"):
+            _cli.script(lambda: sys.exit("stage: error"))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_every_stage_program_goes_through_cli_script():
+    import ast
+
+    folder = os.path.join(ROOT, "pipelines")
+    programs = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                programs.append(name)
+                assert ast.unparse(node.body[0]) == "_cli.script(main)", name
+    assert {"train.py", "evaluate.py", "run.py", "prepare.py"} <= set(programs)

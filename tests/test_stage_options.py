@@ -244,6 +244,8 @@ def test_a_stage_run_as_a_program_exits_without_the_final_collections():
     skips it), passes a non-zero return on as the exit status, and freezes on exit too."""
     import gc
 
+    gc.unfreeze()  # (a count left by anything else would let the checks below pass)
+    assert gc.get_freeze_count() == 0
     try:
         _cli.script(lambda: None)
         assert gc.get_freeze_count() > 0
@@ -252,6 +254,7 @@ def test_a_stage_run_as_a_program_exits_without_the_final_collections():
             _cli.script(lambda: 3)
         assert e.value.code == 3 and gc.get_freeze_count() > 0
         gc.unfreeze()
+        assert gc.get_freeze_count() == 0
         with pytest.raises(SystemExit, match="stage: error"):
             _cli.script(lambda: sys.exit("stage: error"))
         assert gc.get_freeze_count() > 0

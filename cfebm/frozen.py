@@ -20,6 +20,7 @@ builds theirs once per stage (:func:`stage_energies`) and only the current one p
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -29,6 +30,7 @@ from .layers import EqConv2d, Swish
 from .model import Block, CoarseToFineEBM, EnergyNet, _res_key
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+log = logging.getLogger(__name__)
 
 
 def _conv_pool_kernel(w: torch.Tensor) -> torch.Tensor:
@@ -209,10 +211,15 @@ class FrozenEnergy:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compile is None:
             return _energy(self, x)
+        fn = _compiled(self.compile)
+        if fn is not _energy and (self.compile, self.dtype, tuple(x.shape)) not in _VERIFIED:
+            fn = verify_compiled(self, x, fn)
+        if fn is _energy:
+            return _energy(self, x)
         if self.compile == "reduce-overhead":  # CUDA graphs: a new step, new output buffers
             torch.compiler.cudagraph_mark_step_begin()
-            return _compiled(self.compile)(self, x).clone()
-        return _compiled(self.compile)(self, x)
+            return fn(self, x).clone()
+        return fn(self, x)
 
 
 def _energy(f: FrozenEnergy, x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +238,41 @@ def _energy(f: FrozenEnergy, x: torch.Tensor) -> torch.Tensor:
 
 
 _COMPILED: dict[str, object] = {}
+_VERIFIED: set[tuple] = set()
+
+
+def verify_compiled(f: FrozenEnergy, x: torch.Tensor, fn) -> object:
+    """Check the compiled energy ``fn`` against the eager one on its first input of each
+    shape; returns ``fn``, or the eager function (with a warning, from then on for this
+    compile mode) where they differ beyond float rounding. Generated code can be wrong
+    on some machines: inductor on an AVX-512 CPU with ``ATEN_CPU_CAPABILITY=avx2``
+    returned energies of 1e33 where the eager ones are below 1."""
+    with torch.enable_grad():  # the chain differentiates the energy: check the gradient too
+        xe = x.detach().clone().requires_grad_(True)
+        xc = x.detach().clone().requires_grad_(True)
+        eager = _energy(f, xe)
+        (g_eager,) = torch.autograd.grad(eager.sum(), xe)
+        out = fn(f, xc)
+        if f.compile == "reduce-overhead":
+            out = out.clone()
+        (g_out,) = torch.autograd.grad(out.sum(), xc)
+    tol = 1e-3 if f.dtype == torch.float32 else 5e-2
+    ok = all(
+        torch.isfinite(b).all() and torch.allclose(b.float(), a.float(), rtol=tol, atol=tol)
+        for a, b in ((eager, out), (g_eager, g_out))
+    )
+    if not ok:
+        diff = (out.detach().float() - eager.detach().float()).abs().max().item()
+        log.warning(
+            "torch.compile (mode %s) computes a different energy on this machine "
+            "(largest difference %.3g); sampling with the eager energy instead",
+            f.compile,
+            diff,
+        )
+        _COMPILED[f.compile] = _energy
+        return _energy
+    _VERIFIED.add((f.compile, f.dtype, tuple(x.shape)))
+    return fn
 
 
 def _compiled(mode: str):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from cfebm.config import ConfigError, ModelConfig, SamplerConfig
 from cfebm.device import compile_mode, energy_options, native_bf16, sampling_dtype
-from cfebm.frozen import _COMPILED, FrozenEnergy
+from cfebm.frozen import _COMPILED, FrozenEnergy, _energy
 from cfebm.langevin import energy_and_grad, sample_langevin
 from cfebm.model import CoarseToFineEBM
 
@@ -41,7 +42,8 @@ def run_capped_at_avx2(code: str) -> subprocess.CompletedProcess:
 
 
 def test_auto_is_bf16_only_where_the_cpu_has_bf16_units():
-    has_units = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in {"avx2", "default"}
+    has_units = bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not capped
     assert native_bf16("cpu") == has_units
     expected = torch.bfloat16 if has_units else torch.float32
     assert sampling_dtype("auto", "cpu") == expected
@@ -124,3 +126,40 @@ def test_a_bf16_fallback_is_said_once_not_at_every_training_step():
     done = run_capped_at_avx2(code)
     assert done.stdout.split() == ["4", "torch.float32"]
     assert done.stderr.count("has no bf16 units") == 1, done.stderr
+
+
+def test_a_compiled_energy_is_checked_against_eager_and_replaced_where_it_differs(
+    monkeypatch, caplog
+):
+    """Generated code can be wrong on a machine (inductor under ATEN_CPU_CAPABILITY=avx2
+    on an AVX-512 CPU gave energies of 1e33): the first call of each input shape compares
+    energy and gradient with the eager ones, and a mismatch samples eagerly, with a warning."""
+    torch.manual_seed(0)
+    model = CoarseToFineEBM(ModelConfig(resolutions=[4, 8], base_width=4, channels=1), stage=1)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    calls = []
+
+    def faithful(f, x):
+        calls.append(x.shape)
+        return _energy(f, x)
+
+    monkeypatch.setattr("cfebm.frozen._VERIFIED", set())
+    monkeypatch.setitem(_COMPILED, "default", faithful)
+    energy = FrozenEnergy(model.current, 0.5, compile="default")
+    expected, g_expected = energy_and_grad(FrozenEnergy(model.current, 0.5), x)
+    e, g = energy_and_grad(energy, x)
+    assert torch.allclose(e, expected) and torch.allclose(g, g_expected)
+    energy_and_grad(energy, x)  # verified once per shape: no second comparison
+    assert calls == [x.shape] * 3  # the check, then the two calls
+    assert _COMPILED["default"] is faithful
+
+    def wrong_gradient(f, x):  # same energies, a gradient twice as large
+        e = _energy(f, x)
+        return 2 * e - e.detach()
+
+    monkeypatch.setitem(_COMPILED, "default", wrong_gradient)
+    with caplog.at_level(logging.WARNING, logger="cfebm.frozen"):
+        e, g = energy_and_grad(FrozenEnergy(model.current, 0.5, compile="default"), x[:4])
+    assert torch.allclose(g, g_expected[:4]) and torch.allclose(e, expected[:4])
+    assert "computes a different energy" in caplog.text and "eager" in caplog.text
+    assert _COMPILED["default"] is _energy  # eager from then on, checked no more

@@ -41,9 +41,12 @@ def run_capped_at_avx2(code: str) -> subprocess.CompletedProcess:
     return done
 
 
+def capped_at_avx2() -> bool:
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in {"avx2", "default"}
+
+
 def test_auto_is_bf16_only_where_the_cpu_has_bf16_units():
-    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in {"avx2", "default"}
-    has_units = bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not capped
+    has_units = bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not capped_at_avx2()
     assert native_bf16("cpu") == has_units
     expected = torch.bfloat16 if has_units else torch.float32
     assert sampling_dtype("auto", "cpu") == expected
@@ -108,6 +111,9 @@ def test_compiled_chain_equals_eager_and_compiles_once_for_new_weights_and_fade(
         for a, b in zip(compiled_eg, eager_eg):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1  # one graph: new weights, new beta
+    # the chains above were the compiled ones, not the eager fallback (which inductor's
+    # code needs under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU)
+    assert _COMPILED["default"] is not _energy or capped_at_avx2()
 
 
 def test_a_bf16_fallback_is_said_once_not_at_every_training_step():

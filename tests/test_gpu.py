@@ -15,7 +15,7 @@ from benchmarks.langevin import BF16_TOLERANCE, FP32_TOLERANCE, build_model, che
 from cfebm.checkpoint import load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ModelConfig, SamplerConfig, TrainConfig, cifar10_release
 from cfebm.device import energy_options
-from cfebm.frozen import FrozenEnergy
+from cfebm.frozen import _COMPILED, FrozenEnergy, _energy
 from cfebm.langevin import sample_langevin
 from cfebm.loop import fit
 from cfebm.sampling import sample
@@ -125,6 +125,7 @@ def test_compiled_chain_with_cuda_graphs_equals_the_eager_chain(release):
             chains.append(sample_langevin(energy, x, steps, noise, generator=gen))
         eager, compiled = chains
         assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+    assert _COMPILED["reduce-overhead"] is not _energy  # compiled, not the eager fallback
 
 
 def test_training_with_compiled_bf16_chains_runs_on_cuda():

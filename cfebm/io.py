@@ -11,8 +11,11 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -144,3 +147,55 @@ def local_file(data: bytes, suffix: str = "") -> str:
 def makedirs(url: str) -> None:
     fs, path = fs_and_path(url)
     fs.makedirs(path, exist_ok=True)
+
+
+STALE_REPORT_S = 60.0
+"""A report folder of a process that no longer runs is removed once it is this old."""
+_swept: set[str] = set()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_reports(kind: str) -> list[str]:
+    """Remove ``cfebm-<kind>-<pid>-*`` folders in the temporary folder whose process no
+    longer runs (a worker killed while it wrote a checkpoint) and that are older than
+    :data:`STALE_REPORT_S`; returns what was removed."""
+    prefix, root, removed = f"cfebm-{kind}-", tempfile.gettempdir(), []
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            pid = entry.name[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or _running(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and (
+                    now - entry.stat(follow_symlinks=False).st_mtime > STALE_REPORT_S
+                ):
+                    shutil.rmtree(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
+@contextlib.contextmanager
+def report_dir(kind: str) -> Iterator[str]:
+    """A temporary folder for one report's checkpoint files (Ray copies them to the run's
+    storage), named after this process; the first use in a process sweeps the folders that
+    killed processes left (:func:`sweep_reports`)."""
+    if kind not in _swept:
+        _swept.add(kind)
+        for path in sweep_reports(kind):
+            logging.getLogger(__name__).info(
+                "removed %s, left by a process that no longer runs", path
+            )
+    with tempfile.TemporaryDirectory(prefix=f"cfebm-{kind}-{os.getpid()}-") as d:
+        yield d

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -458,7 +457,7 @@ class RayHooks(Hooks):
     def checkpoint(self, t: Trainer, info: dict) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory(prefix="cfebm-ckpt-") as d:
+        with cio.report_dir("ckpt") as d:
             save_worker_checkpoint(d, t.state_dict(), self.rank, self.world)
             metrics = {k: v for k, v in info.items() if k != "name"}
             ckpt = ray.train.Checkpoint.from_directory(d)

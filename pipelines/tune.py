@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,7 +211,7 @@ class TrialReports(Hooks):
             tracking.flush(self.client)
         self.scores.append([step, score])
         report = {"step": step, "score": score, **values, "loss": r.loss, "beta": t.beta}
-        with tempfile.TemporaryDirectory(prefix="cfebm-tune-") as d:
+        with cio.report_dir("tune") as d:
             save_checkpoint(t.state_dict(), os.path.join(d, TRAINER_FILE))
             cio.write_bytes(os.path.join(d, SAMPLES_FILE), png)
             cio.write_bytes(os.path.join(d, SCORES_FILE), json.dumps(self.scores).encode())

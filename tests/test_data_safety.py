@@ -156,3 +156,41 @@ def socket_closed_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     yield port
+
+
+def test_report_folders_left_by_killed_workers_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    """A worker killed while it wrote a checkpoint leaves its cfebm-ckpt-<pid>-* folder in
+    the temporary folder; the next worker's first report removes such folders of dead
+    processes, and keeps those of live processes, fresh ones and anything else."""
+    import tempfile
+    import time
+
+    from cfebm import io as cio
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(cio, "_swept", set())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, old = int(dead.stdout), time.time() - 2 * cio.STALE_REPORT_S
+    folders = {
+        "stale": f"cfebm-ckpt-{dead_pid}-abc",
+        "live": f"cfebm-ckpt-{os.getpid()}-def",
+        "fresh": f"cfebm-ckpt-{dead_pid}-ghi",
+        "other kind": f"cfebm-tune-{dead_pid}-jkl",
+        "no pid": "cfebm-ckpt-notapid",
+    }
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer.pt").write_bytes(b"x" * 100)
+        if name != folders["fresh"]:
+            os.utime(tmp_path / name, (old, old))
+    with cio.report_dir("ckpt") as d:
+        assert os.path.basename(d).startswith(f"cfebm-ckpt-{os.getpid()}-")
+        assert os.path.dirname(d) == str(tmp_path)
+    assert not os.path.exists(d)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(v for k, v in folders.items() if k != "stale")
+    with cio.report_dir("ckpt"):  # swept once per process and kind
+        pass
+    os.utime(tmp_path / folders["fresh"], (old, old))
+    assert cio.sweep_reports("ckpt") == [str(tmp_path / folders["fresh"])]

@@ -214,12 +214,15 @@ class FrozenEnergy:
         fn = _compiled(self.compile)
         if fn is not _energy and (self.compile, self.dtype, tuple(x.shape)) not in _VERIFIED:
             fn = verify_compiled(self, x, fn)
-        if fn is _energy:
-            return _energy(self, x)
-        if self.compile == "reduce-overhead":  # CUDA graphs: a new step, new output buffers
-            torch.compiler.cudagraph_mark_step_begin()
-            return fn(self, x).clone()
-        return fn(self, x)
+        return _run(fn, self, x)
+
+
+def _run(fn, f: FrozenEnergy, x: torch.Tensor) -> torch.Tensor:
+    """``fn(f, x)``; CUDA graphs (reduce-overhead) need a new step and output buffers."""
+    if fn is _energy or f.compile != "reduce-overhead":
+        return fn(f, x)
+    torch.compiler.cudagraph_mark_step_begin()
+    return fn(f, x).clone()
 
 
 def _energy(f: FrozenEnergy, x: torch.Tensor) -> torch.Tensor:
@@ -252,24 +255,19 @@ def verify_compiled(f: FrozenEnergy, x: torch.Tensor, fn) -> object:
         xc = x.detach().clone().requires_grad_(True)
         eager = _energy(f, xe)
         (g_eager,) = torch.autograd.grad(eager.sum(), xe)
-        if f.compile == "reduce-overhead":  # as in FrozenEnergy.__call__
-            torch.compiler.cudagraph_mark_step_begin()
-            out = fn(f, xc).clone()
-        else:
-            out = fn(f, xc)
+        out = _run(fn, f, xc)
         (g_out,) = torch.autograd.grad(out.sum(), xc)
     tol = 1e-3 if f.dtype == torch.float32 else 5e-2
-    ok = all(
-        torch.isfinite(b).all() and torch.allclose(b.float(), a.float(), rtol=tol, atol=tol)
-        for a, b in ((eager, out), (g_eager, g_out))
-    )
-    if not ok:
-        diff = (out.detach().float() - eager.detach().float()).abs().max().item()
+    pairs = [(a.detach().float(), b.detach().float()) for a, b in ((eager, out), (g_eager, g_out))]
+    if not all(b.isfinite().all() and torch.allclose(b, a, rtol=tol, atol=tol) for a, b in pairs):
+        e_diff, g_diff = ((b - a).abs().max().item() for a, b in pairs)
         log.warning(
-            "torch.compile (mode %s) computes a different energy on this machine "
-            "(largest difference %.3g); sampling with the eager energy instead",
+            "torch.compile (mode %s) computes a different energy on this machine (largest "
+            "difference %.3g in the energy, %.3g in its gradient); sampling with the eager "
+            "energy instead",
             f.compile,
-            diff,
+            e_diff,
+            g_diff,
         )
         _COMPILED[f.compile] = _energy
         return _energy

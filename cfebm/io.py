@@ -149,6 +149,7 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+log = logging.getLogger(__name__)
 STALE_REPORT_S = 60.0
 """A report folder of a process that no longer runs is removed once it is this old."""
 _swept: set[str] = set()
@@ -156,11 +157,11 @@ _swept: set[str] = set()
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: another user's process, running
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
@@ -194,8 +195,6 @@ def report_dir(kind: str) -> Iterator[str]:
     if kind not in _swept:
         _swept.add(kind)
         for path in sweep_reports(kind):
-            logging.getLogger(__name__).info(
-                "removed %s, left by a process that no longer runs", path
-            )
+            log.info("removed %s, left by a process that no longer runs", path)
     with tempfile.TemporaryDirectory(prefix=f"cfebm-{kind}-{os.getpid()}-") as d:
         yield d

@@ -168,4 +168,5 @@ def test_a_compiled_energy_is_checked_against_eager_and_replaced_where_it_differ
         e, g = energy_and_grad(FrozenEnergy(model.current, 0.5, compile="default"), x[:4])
     assert torch.allclose(g, g_expected[:4]) and torch.allclose(e, expected[:4])
     assert "computes a different energy" in caplog.text and "eager" in caplog.text
+    assert "difference 0 in the energy" in caplog.text  # the gradient alone differed
     assert _COMPILED["default"] is _energy  # eager from then on, checked no more

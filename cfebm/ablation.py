@@ -149,3 +149,13 @@ def run_ablation(
         if done is not None:
             done(name, cfg, results[name])
     return results
+
+
+def table(results: dict, label: str) -> list[str]:
+    """The final scores, compute and wall time of each variant as a Markdown table
+    (``label``: the extractor's name)."""
+    lines = [f"| variant | GFLOPs | seconds | FID ({label}) | KID |"]
+    for name, r in results.items():
+        fid, kid = r["fid"], r["kid"]
+        lines.append(f"| {name} | {r['gflops']:.4g} | {r['seconds']:.0f} | {fid:.3f} | {kid:.4f} |")
+    return lines

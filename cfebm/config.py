@@ -311,6 +311,15 @@ class ScoreConfig:
 
 
 @dataclass
+class Selection(ScoreConfig):
+    """The release selects its model by FID: the last stage can be scored every
+    ``every_images`` images and keep its best-scoring network as the stage's model."""
+
+    every_images: int = 0
+    """Images between scores of the last stage; 0: none (the final network is kept)."""
+
+
+@dataclass
 class CFEBMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

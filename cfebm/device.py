@@ -14,13 +14,18 @@ import logging
 
 import torch
 
-from .config import COMPILE_MODES, PRECISIONS, SamplerConfig
+from .config import COMPILE_MODES, PRECISIONS, ConfigError, SamplerConfig
 
 log = logging.getLogger(__name__)
 
 
-def resolve(name: str) -> torch.device:
-    """The torch device ``name``; ``auto``: cuda when available, else cpu."""
+def resolve(name: str, threads: int | None = None) -> torch.device:
+    """The torch device ``name``; ``auto``: cuda when available, else cpu. ``threads``: the
+    number of torch's CPU threads to set (None: leave torch's default, all cores)."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {threads}")
+        torch.set_num_threads(threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -99,6 +99,29 @@ def evaluate_stage(
     return result, samples
 
 
+def evaluate_model(
+    model: CoarseToFineEBM,
+    ckpt: dict,
+    store: PyramidStore,
+    extractors: Sequence[Extractor],
+    cfg: EvalConfig,
+    sampler: dict | None = None,
+    grid: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict, bytes]:
+    """(the metrics of a model file's last stage, a PNG grid of its first ``grid`` samples),
+    sampled as it was trained (its sampler, ``sampler`` overrides laid over it, and the fade
+    coefficient of its last stage); :func:`check_data` first."""
+    from .images import grid_png
+    from .trainer import sampler_of
+
+    settings, beta = sampler_of(ckpt, **(sampler or {}))
+    values, samples = evaluate_stage(
+        model, settings, store, extractors, cfg, beta=beta, progress=progress
+    )
+    return values, grid_png(samples[:grid], scale=max(1, 64 // model.resolution()))
+
+
 class ScoreHook(Hooks):
     """Evaluations for :func:`cfebm.loop.train_stage`: FID/KID of ``num_samples`` samples of
     the current model (seeded: the same chains at every evaluation) against ``reference``

@@ -72,6 +72,18 @@ def grid_png(images: torch.Tensor | np.ndarray, nrow: int | None = None, scale: 
     return buf.getvalue()
 
 
+def write_images(url: str, images, scale: int = 4) -> None:
+    """uint8 images [N, C, H, W] as a PNG grid (``url`` ending in ``.png``; each image
+    enlarged ``scale`` times) or as a ``.npy`` array."""
+    from . import io as cio
+
+    if str(url).endswith(".png"):
+        return cio.write_bytes(url, grid_png(images, scale=scale))
+    buf = io.BytesIO()
+    np.save(buf, images)
+    cio.write_bytes(url, buf.getvalue())
+
+
 def stage_pictures(model, sampler, count: int = 64, seed: int = 0) -> dict[str, bytes]:
     """``samples.png`` (``count`` samples of the model's last stage) and ``chain.png`` (eight
     coarse-to-fine chains, one per row, noise on the left), enlarged to >= 64 pixels."""

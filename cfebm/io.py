@@ -37,6 +37,13 @@ retries lowered to 2): a wrong or unreachable endpoint fails within seconds inst
 retrying for a quarter of a minute."""
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (workers run in another folder); URLs unchanged."""
+    if is_local(url):
+        return os.path.abspath(str(url).removeprefix("file://"))
+    return str(url)
+
+
 def fs_and_path(
     url: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -112,6 +119,18 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
 def write_bytes(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as f:
         f.write(data)
+
+
+def write_json(url: str, values) -> None:
+    """``values`` as indented JSON (DVC metrics, a run's summary, a search's result)."""
+    write_bytes(url, (json.dumps(values, indent=2) + "\n").encode())
+
+
+def write_results(metrics_url: str, metrics: dict, folder: str, files: dict[str, bytes]) -> None:
+    """A stage's metrics JSON (DVC metrics) and its pictures ``<folder>/<name>``."""
+    write_json(metrics_url, metrics)
+    for name, data in files.items():
+        write_bytes(join(folder, name), data)
 
 
 def write_csv(url: str, rows: list[dict], columns: list[str] | None = None) -> None:

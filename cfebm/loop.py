@@ -80,6 +80,28 @@ class Hooks:
         """A progress line for people."""
 
 
+class MetricsLog(Hooks):
+    """The loop's numbers, sent to :meth:`log` (an MLflow run, say): every step's curves
+    (:func:`step_metrics` over ``world`` data-parallel workers), where a resume started, each
+    rollback with its new lr, and every evaluation."""
+
+    world = 1
+
+    def log(self, step: int, values: dict) -> None:
+        """Where the numbers go (nowhere here)."""
+
+    def after_step(self, trainer: Trainer, result: StepResult, seconds: float) -> None:
+        self.log(trainer.state.step, step_metrics(trainer, result, seconds, self.world))
+
+    def event(self, name: str, info: dict) -> None:
+        if name == "resumed":
+            self.log(info["step"], {"resumed_from_step": info["step"]})
+        elif name == "rollback":
+            self.log(info["step"], {"rollbacks": info["rollbacks"], "lr": info["lr"]})
+        elif name == "evaluated":
+            self.log(info["step"], {k: v for k, v in info.items() if k != "step"})
+
+
 class InjectDivergence(Hooks):
     """Fault injection: NaN images at step ``at_step`` of a stage, ``times`` times (each
     rollback replays that step), so that the divergence and rollback path can be exercised
@@ -93,6 +115,19 @@ class InjectDivergence(Hooks):
             return None
         self.fired += 1
         return trainer.next_batch().float() * float("nan")
+
+
+@dataclass
+class DivergenceInjection:
+    """Fault injection settings (:class:`InjectDivergence`); leave null in real runs."""
+
+    inject_divergence_at_step: int | None = None
+    """Feed NaN images at this step of the stage, so that it diverges and rolls back."""
+    inject_divergence_times: int = 1
+
+    def hooks(self) -> list[Hooks]:
+        at = self.inject_divergence_at_step
+        return [] if at is None else [InjectDivergence(at, self.inject_divergence_times)]
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .data import PyramidStore, to_unit_range
 from .frozen import FrozenEnergy
 from .langevin import Energy
 from .model import CoarseToFineEBM
@@ -255,3 +256,65 @@ def energy_histogram_png(
     ax.set(xlabel="energy E(x)", ylabel="density")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+@dataclass
+class OODStudy:
+    """What :func:`ood_study` found: ``metrics`` (AUROC per set and their mean, mean
+    energies), ``pngs`` (roc.png, energy_hist.png, sets.png: a row of each set), ``roc``
+    (each set's ROC curve as rows of fpr, tpr) and ``scores`` (every image's energy)."""
+
+    metrics: dict
+    pngs: dict[str, bytes]
+    roc: dict[str, list[dict]]
+    scores: dict[str, list[float]]
+
+
+def _row(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` images, padded with black ones so each set fills one grid row."""
+    return torch.cat([x[:n], x.new_full((max(0, n - len(x)), *x.shape[1:]), -1.0)])
+
+
+def ood_study(
+    model: CoarseToFineEBM,
+    images: torch.Tensor,
+    cfg: OODConfig,
+    stage: int,
+    other: Mapping[str, PyramidStore] | None = None,
+    grid_images: int = 16,
+    log=print,
+    split: str = "test",
+) -> OODStudy:
+    """Score held-out ``images`` [N, C, r, r] in [-1, 1] against the built-in sets of
+    ``cfg`` and the ``split`` of the ``other`` pyramids (their level nearest above the
+    model's resolution, converted to its channels and resolution) by the energy of
+    ``stage``."""
+    from .images import grid_png
+    from .sampling import to_uint8
+
+    r, c = model.resolution(stage), model.cfg.channels
+    sets = builtin_sets(images, cfg)
+    for name, store in (other or {}).items():
+        level = min((q for q in store.resolutions if q >= r), default=store.resolutions[-1])
+        sets[name] = match_images(to_unit_range(store.read(split, level)[: cfg.num_images]), c, r)
+    log(f"ood: {len(images)} in-distribution images at {r}x{r}; sets {list(sets)}")
+    scores_in = energy_scores(model, images, batch_size=cfg.batch_size, stage=stage)
+    scores_out = {
+        k: energy_scores(model, x, batch_size=cfg.batch_size, stage=stage) for k, x in sets.items()
+    }
+    report = auroc_report(scores_in, scores_out)
+    log("ood: AUROC " + ", ".join(f"{k} {v:.4f}" for k, v in report.items()))
+    means = {"in": float(scores_in.mean()), **{k: float(v.mean()) for k, v in scores_out.items()}}
+    metrics = {"stage": stage, "resolution": r, "num_in": len(images), "auroc": report}
+    shown = torch.cat([_row(x, grid_images) for x in (images, *sets.values())])
+    pngs = {
+        "roc.png": roc_plot_png(scores_in, scores_out),
+        "energy_hist.png": energy_histogram_png(scores_in, scores_out),
+        "sets.png": grid_png(to_uint8(shown).numpy(), nrow=grid_images, scale=max(1, 64 // r)),
+    }
+    roc = {}
+    for name, s in scores_out.items():
+        fpr, tpr = roc_curve(scores_in, s)
+        roc[name] = [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr)]
+    scores = {"in": scores_in.tolist(), **{k: v.tolist() for k, v in scores_out.items()}}
+    return OODStudy({**metrics, "energy_mean": means}, pngs, roc, scores)

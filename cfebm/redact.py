@@ -5,11 +5,16 @@ logs and Ray job metadata. :func:`redact` is applied to every such record: value
 that name a credential (``secret``, ``token``, ``password``, ``key`` of fsspec storage
 options, ...) and the credential-bearing parts of URLs (``user:password@``, pre-signed
 ``X-Amz-*`` or ``token=`` query parameters) are replaced by :data:`REDACTED`.
+:func:`public` gives a stage's options in that form, and :func:`flatten` names them by
+their params.yaml keys, as MLflow's parameters and DVC's comparisons show them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -105,3 +110,24 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_url(value)
     return value
+
+
+def public(options: Any) -> dict:
+    """The resolved options as plain, secret-free data (for --dry-run, logs and MLflow)."""
+    plain = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
+    return redact(json.loads(json.dumps(plain, default=str)))
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested settings -> {"train.model.base_width": "16"}: the params.yaml keys as DVC
+    names them. Tables keyed by resolution stay one JSON value."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and not all(isinstance(x, int) for x in v):
+            out.update(flatten(v, f"{key}."))
+        elif isinstance(v, (list, tuple, dict)):
+            out[key] = json.dumps({str(a): b for a, b in v.items()} if isinstance(v, dict) else v)
+        else:
+            out[key] = str(v)
+    return out

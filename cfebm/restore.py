@@ -543,3 +543,20 @@ def evaluate_restoration(
         if progress:
             progress(f"inpaint_{kind}: {result.metrics}")
     return out
+
+
+def restoration_study(
+    model: CoarseToFineEBM, truth: torch.Tensor, cfg: RestoreConfig, stage: int, grid: int = 16,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, dict[str, bytes]]:  # fmt: skip
+    """:func:`evaluate_restoration` of held-out ``truth`` at ``stage``: (its metrics, with
+    PSNR and SSIM per task; a PNG per task of ``grid`` images: corrupted, restored, truth)."""
+    log(f"restore: {len(truth)} images at {truth.shape[-1]}x{truth.shape[-1]}, stage {stage}, "
+        f"mode {cfg.mode}")  # fmt: skip
+    results = evaluate_restoration(
+        model, truth, cfg, stage=stage, progress=lambda m: log(f"restore: {m}")
+    )
+    head = {"stage": stage, "resolution": truth.shape[-1], "num_images": len(truth)}
+    metrics = {**head, **{task: res.metrics for task, res in results.items()}}
+    scale = max(1, 64 // truth.shape[-1])
+    return metrics, {f"{t}.png": res.picture(grid, scale) for t, res in results.items()}

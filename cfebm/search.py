@@ -87,6 +87,22 @@ class SearchSpace:
 
 
 @dataclass
+class Asha:
+    """Early stopping (asynchronous successive halving, Li et al. 2018)."""
+
+    enabled: bool = True
+    """false: every trial trains to the end (FIFO)."""
+    grace_steps: int = 20
+    """No trial is stopped before this many training steps."""
+    reduction_factor: float = 2.0
+    """At each rung only the best 1/factor of the trials that reached it go on."""
+
+    def __post_init__(self) -> None:
+        if self.grace_steps < 1 or not self.reduction_factor > 1:
+            raise ConfigError("tune.asha: grace_steps must be >= 1 and reduction_factor > 1")
+
+
+@dataclass
 class TrialSummary:
     trial_id: str | None
     setting: dict

@@ -16,14 +16,16 @@ object on a background (the built-in ``shapes`` data), the IoU of the object mas
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import CFEBMConfig, SamplerConfig
+from .config import CFEBMConfig, ConfigError, SamplerConfig
 from .langevin import Callback
 from .loop import Hooks, LoopConfig, fit
+from .metrics import Extractors, MetricsConfig, compute_metrics
 from .model import CoarseToFineEBM
 from .restore import image_pyramid, ssim
 from .sampling import sample
@@ -329,3 +331,77 @@ def translation_pictures(
         "translation.png": grid_png(to_uint8(pair).cpu().numpy(), nrow=n, scale=scale),
         "saliency.png": grid_png(to_uint8(shown).cpu().numpy(), nrow=n, scale=scale),
     }
+
+
+# --- the stage's evaluation ------------------------------------------------------------------
+
+
+@dataclass
+class Fidelity(Extractors):
+    """FID/KID of the translations against the target domain (cfebm.metrics); the domain
+    extractor's ``features`` are trained on the target domain."""
+
+    extractors: list[str] = field(default_factory=list)
+    """``domain`` and/or ``inception-v3-compat``; empty: no FID/KID."""
+    features: str | None = None
+    inception_download: bool = False
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(prc=False))
+
+
+def fidelity_metrics(
+    f: Fidelity, translations: np.ndarray, reference: np.ndarray, device, log=print
+) -> dict:
+    """FID/KID of the uint8 translations against target images, with each extractor."""
+    try:
+        extractors = f.make()
+    except ValueError as e:  # missing or unknown weights (FeatureError, InceptionWeightsError)
+        raise ConfigError(f"translate.fidelity: {e}") from e
+    out: dict[str, float] = {}
+    for ex in extractors:
+        values = compute_metrics(translations, reference, ex, f.metrics, device=device)
+        log("translate: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        out.update(values)
+    return out
+
+
+@dataclass
+class TranslationConfig:
+    """How held-out translations are made and measured (the ``translate`` stage's
+    algorithm settings)."""
+
+    split: str = "test"
+    """Held-out source split that is translated (and the target's reference split)."""
+    num_images: int | None = 256
+    """Held-out images translated (seeded subset); null: all."""
+    start_stage: int | None = None
+    """Stage whose resolution the translation chain starts at; null: the finest."""
+    foreground: bool = True
+    """Measure the object-mask IoU (scenes of one object on a background, e.g. shapes)."""
+    foreground_min_contrast: float = 0.1
+    grid_images: int = 16
+    seed: int = 0
+    """Seeds the held-out subset and the translation chains."""
+    fidelity: Fidelity = field(default_factory=Fidelity)
+
+
+def translation_study(
+    model: CoarseToFineEBM, source, target, sampler: SamplerConfig, cfg: TranslationConfig,
+    device="cpu", log=print,
+) -> tuple[dict, dict[str, bytes]]:  # fmt: skip
+    """Translate held-out images of the pyramid ``source`` toward the pyramid ``target``
+    (:func:`evaluate_translation`, then :func:`fidelity_metrics`): (the metrics, the PNGs
+    of :func:`translation_pictures`)."""
+    from .data import to_unit_range
+    from .sampling import to_uint8
+
+    r = model.resolution()
+    xs = to_unit_range(source.subset(cfg.split, r, cfg.num_images, cfg.seed)).to(device)
+    xt = to_unit_range(target.subset(cfg.split, r, cfg.num_images, cfg.seed + 1)).to(device)
+    metrics, y, maps = evaluate_translation(
+        model, xs, xt, sampler, start_stage=cfg.start_stage, foreground=cfg.foreground,
+        min_contrast=cfg.foreground_min_contrast, seed=cfg.seed,
+    )  # fmt: skip
+    uint8 = [to_uint8(v).cpu().numpy() for v in (y, xt)]
+    metrics.update(fidelity_metrics(cfg.fidelity, *uint8, device, log))
+    n, scale = min(cfg.grid_images, len(xs)), max(1, 64 // r)
+    return metrics, translation_pictures(xs, y, maps, n, scale)

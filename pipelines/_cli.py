@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
 import typing
@@ -27,7 +26,7 @@ import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from cfebm.config import ConfigError, build_dataclass, check_types
-from cfebm.redact import redact, redact_text, secret_keys
+from cfebm.redact import public, redact_text, secret_keys
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -152,19 +151,9 @@ def parse(
     return build_dataclass(cls, values, section), extra
 
 
-def public(options: Any) -> dict:
-    """The resolved options as plain, secret-free data (for --dry-run, logs and MLflow)."""
-    plain = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
-    return redact(json.loads(json.dumps(plain, default=str)))
-
-
 def yaml_text(options: Any) -> str:
     """The resolved, secret-free options as YAML (what --dry-run prints and runs record)."""
     return yaml.safe_dump(public(options), sort_keys=False)
-
-
-def print_settings(options: Any) -> None:
-    print(yaml_text(options), end="")
 
 
 def say(line: str) -> None:
@@ -175,10 +164,6 @@ def say(line: str) -> None:
 def fail(stage: str, error: BaseException) -> typing.NoReturn:
     """Exit with one line that names the stage and the problem (URLs redacted)."""
     sys.exit(f"{stage}: error: {redact_text(str(error))}")
-
-
-def json_bytes(values: Any) -> bytes:
-    return (json.dumps(values, indent=2) + "\n").encode()
 
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
@@ -197,7 +182,7 @@ def stage_main(cls, section, run, doc, done=None, *, arguments=None, settings=No
         try:
             options, extra = parse(cls, section, argv, doc=doc, arguments=arguments)
             if extra.dry_run:
-                return print_settings(settings(options, extra) if settings else options)
+                return print(yaml_text(settings(options, extra) if settings else options), end="")
             result = run(options, extra)
         except (*USER_ERRORS, *errors) as e:
             fail(section, e)
@@ -220,12 +205,3 @@ def script(main: Callable[[], Any]) -> None:
         gc.freeze()
     if code:
         sys.exit(code)
-
-
-def write_results(metrics_path: str, metrics: dict, folder: str, pngs: dict[str, bytes]) -> None:
-    """A stage's metrics JSON (DVC metrics) and its pictures."""
-    from cfebm import io as cio
-
-    cio.write_bytes(metrics_path, json_bytes(metrics))
-    for name, png in pngs.items():
-        cio.write_bytes(cio.join(folder, name), png)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from cfebm import io as cio
-from cfebm.ablation import VARIANTS, run_ablation
+from cfebm.ablation import VARIANTS, run_ablation, table
 from cfebm.config import CFEBMConfig, ConfigError
 from cfebm.data import PyramidStore
+from cfebm.redact import public
 from pipelines import _cli, tracking
 
 
@@ -53,7 +54,7 @@ class AblationOptions:
 
 def log_variant(o: AblationOptions, name: str, cfg: CFEBMConfig, result: dict) -> None:
     """One MLflow run per variant: FID/KID against GFLOPs (the step), compute and time."""
-    params = {"ablation": _cli.public(o), "variant": name, "config": dataclasses.asdict(cfg)}
+    params = {"ablation": public(o), "variant": name, "config": dataclasses.asdict(cfg)}
     tags = {"cfebm.stage": "ablation", "cfebm.ablation.variant": name}
     key = f"ablation:{name}:{time.time_ns()}"
     with tracking.stage_run(o.mlflow, f"ablation-{name}", key, params, tags) as t:
@@ -83,13 +84,9 @@ def run(o: AblationOptions, train, log=print) -> dict:
         log=log,
         done=(lambda *a: log_variant(o, *a)) if o.mlflow.enabled else None,
     )
-    cio.write_bytes(o.out, _cli.json_bytes(results))
-    log(f"ablation: | variant | GFLOPs | seconds | FID ({extractor.label}) | KID |")
-    for name, r in results.items():
-        log(
-            f"ablation: | {name} | {r['gflops']:.4g} | {r['seconds']:.0f} | {r['fid']:.3f} "
-            f"| {r['kid']:.4f} |"
-        )
+    cio.write_json(o.out, results)
+    for line in table(results, extractor.label):
+        log(f"ablation: {line}")
     return results
 
 

@@ -17,13 +17,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cfebm import io as cio
 from cfebm.config import ConfigError, SamplerConfig
 from cfebm.data import PyramidStore
 from cfebm.device import resolve
-from cfebm.evaluate import EvalConfig, check_data, evaluate_stage
-from cfebm.images import grid_png
+from cfebm.evaluate import EvalConfig, check_data, evaluate_model
 from cfebm.metrics import EXTRACTORS, Extractors
-from cfebm.trainer import sampler_of
 from pipelines import _cli, models, tracking
 
 
@@ -69,26 +68,20 @@ def run(p: EvaluateStage, log=print) -> dict:
     for url in p.models:
         model, ckpt = models.load_model(url, device)
         check_data(model, store, url)
-        sampler, beta = sampler_of(ckpt, **p.sampler)
         s, r = model.stage, model.resolution()
         desc = f"evaluate stage {s} ({r}x{r})"
         with tqdm(total=p.num_samples, desc=desc, unit="img", disable=None, leave=False) as bar:
-            values, samples = evaluate_stage(
-                model,
-                sampler,
-                store,
-                extractors,
-                p,
-                beta=beta,
+            values, png = evaluate_model(
+                model, ckpt, store, extractors, p, p.sampler, p.grid_count,
                 progress=lambda done, _, bar=bar: bar.update(done - bar.n),
-            )
+            )  # fmt: skip
         log(
             f"evaluate: stage {s} ({r}x{r}): "
             + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         )
         results[f"stage_{s}"] = values
-        grids[f"stage_{s}.png"] = grid_png(samples[: p.grid_count], scale=max(1, 64 // r))
-    _cli.write_results(p.out, results, p.grids, grids)
+        grids[f"stage_{s}.png"] = png
+    cio.write_results(p.out, results, p.grids, grids)
     tracking.log_stage("evaluate", p, results, grids, log=log)
     return results
 

@@ -40,7 +40,7 @@ def run(p: FeaturesStage, extra=None) -> dict:
     net, name, meta = fit_extractor(PyramidStore(p.data, p.storage_options), p, p.name)
     save_feature_net(net, p.out, name, {**meta, "data": p.data})
     metrics = {"test_accuracy": meta["test_accuracy"]}
-    cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
+    cio.write_json(p.metrics, metrics)
     return metrics
 
 

@@ -37,11 +37,7 @@ class Runtime:
 
     def setup(self) -> torch.device:
         """Apply the thread count; the torch device."""
-        if self.threads is not None:
-            if self.threads < 1:
-                raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
-            torch.set_num_threads(self.threads)
-        return resolve(self.device)
+        return resolve(self.device, self.threads)
 
 
 @dataclass

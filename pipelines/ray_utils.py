@@ -10,7 +10,6 @@ copied once into the (remote) run storage instead, where every node can read it.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -19,26 +18,13 @@ from typing import Any
 from cfebm import io as cio
 from cfebm.config import ConfigError
 from cfebm.data.storage import filesystem
-from cfebm.data.store import copy_dataset
+from cfebm.data.store import check_paths, dataset_for_workers
 from cfebm.redact import public_env
-
-log = logging.getLogger(__name__)
 
 # Environment that workers on other nodes need (credentials and endpoints of the object
 # store and the tracking server, cache folders, allocator settings).
 ENV_PREFIXES = ("AWS_", "MLFLOW_TRACKING_", "CFEBM_")
 ENV_NAMES = ("GLIBC_TUNABLES", "TORCHINDUCTOR_CACHE_DIR")
-
-
-class ClusterStorageError(ValueError):
-    """A path that the workers of a multi-node cluster cannot all reach."""
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (workers run in another folder); URLs unchanged."""
-    if cio.is_local(url):
-        return os.path.abspath(str(url).removeprefix("file://"))
-    return str(url)
 
 
 def connect(address: str | None = None, local_cpus: int | None = None) -> str:
@@ -100,22 +86,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_paths(nodes: int, paths: dict[str, str], shared_filesystem: bool) -> None:
-    """Refuse local ``paths`` (name -> URL) when the cluster has several nodes."""
-    if nodes <= 1 or shared_filesystem:
-        return
-    local = {name: url for name, url in paths.items() if cio.is_local(url)}
-    if local:
-        listed = ", ".join(f"{name} = {url}" for name, url in local.items())
-        raise ClusterStorageError(
-            f"the Ray cluster has {nodes} nodes but {listed} is a local path: workers on "
-            "other nodes would write checkpoints where no one finds them again. Use shared "
-            "storage (e.g. train.ray.storage: s3://bucket/cfebm-runs), or set "
-            "train.ray.shared_filesystem: true if this path is on a filesystem that every "
-            "node mounts (NFS)."
-        )
-
-
 def ray_storage(url: str, storage_options: dict | None = None) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``.
 
@@ -124,7 +94,7 @@ def ray_storage(url: str, storage_options: dict | None = None) -> tuple[str, Any
     ``AWS_*`` variables and ``storage_options`` as the rest of cfebm.
     """
     if cio.is_local(url):
-        path = absolute(url)
+        path = cio.absolute(url)
         os.makedirs(path, exist_ok=True)
         return path, None
     import pyarrow.fs
@@ -139,23 +109,6 @@ def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     credential, which Ray would record with the run (:func:`cfebm.redact.public_env`)."""
     environ = os.environ if environ is None else environ
     return public_env(dict(environ), ENV_PREFIXES, ENV_NAMES)
-
-
-def dataset_for_workers(
-    data_url: str,
-    storage_url: str,
-    nodes: int,
-    shared_filesystem: bool,
-    data_options: dict | None = None,
-    storage_options: dict | None = None,
-) -> str:
-    """Where the workers read the dataset: ``data_url`` itself unless it is local and the
-    cluster has several nodes, in which case a copy in the (remote) run storage."""
-    if nodes <= 1 or shared_filesystem or not cio.is_local(data_url):
-        return absolute(data_url)
-    dest = copy_dataset(data_url, cio.join(storage_url, "datasets"), data_options, storage_options)
-    log.info("the cluster's workers read the dataset %s from its copy %s", data_url, dest)
-    return dest
 
 
 @dataclass
@@ -209,7 +162,7 @@ def place(opts: ClusterOptions, data: str, data_options: dict, what: str) -> Pla
 
     connected = connect(opts.address, opts.local_cpus)
     nodes = sum(bool(n.get("Alive")) for n in ray.nodes())
-    storage, shared = absolute(opts.storage), opts.shared_filesystem
+    storage, shared = cio.absolute(opts.storage), opts.shared_filesystem
     check_paths(nodes, {what: storage}, shared)
     data_url = dataset_for_workers(data, storage, nodes, shared, data_options, opts.storage_options)
     path, fs = ray_storage(storage, opts.storage_options)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cfebm import io as cio
 from cfebm.data import to_unit_range
-from cfebm.restore import RestoreConfig, evaluate_restoration
+from cfebm.restore import RestoreConfig, restoration_study
 from pipelines import _cli, models, tracking
 
 
@@ -34,19 +35,8 @@ def run(p: RestoreStage, log=print) -> dict:
     model, store, stage, device = p.open()
     r = model.resolution(stage)
     truth = to_unit_range(store.subset(p.split, r, p.num_images, p.seed)).to(device)
-    log(f"restore: {len(truth)} {p.split} images at {r}x{r}, stage {stage}, mode {p.mode}")
-    results = evaluate_restoration(
-        model, truth, p, stage=stage, progress=lambda m: log(f"restore: {m}")
-    )
-    metrics = {
-        "stage": stage,
-        "resolution": r,
-        "num_images": len(truth),
-        **{task: res.metrics for task, res in results.items()},
-    }
-    scale = max(1, 64 // r)
-    pngs = {f"{task}.png": res.picture(p.grid_images, scale) for task, res in results.items()}
-    _cli.write_results(p.metrics, metrics, p.images, pngs)
+    metrics, pngs = restoration_study(model, truth, p, stage, p.grid_images, log)
+    cio.write_results(p.metrics, metrics, p.images, pngs)
     tracking.log_stage("restore", p, metrics, pngs, log=log)
     return metrics
 

@@ -9,15 +9,13 @@ or an MLflow ``runs:/`` / ``models:/`` URI; the output any path or fsspec URL.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from cfebm import io as cio
 from cfebm.config import ConfigError
 from cfebm.device import resolve
-from cfebm.images import grid_png
+from cfebm.images import write_images
 from cfebm.sampling import draw
 from cfebm.trainer import sampler_of
 from pipelines import _cli, models
@@ -61,12 +59,7 @@ def run(o: SampleOptions, extra=None) -> np.ndarray:
     overrides = {k: v for k, v in (("steps", o.steps), ("step_size", o.step_size)) if v is not None}
     sampler, _ = sampler_of(ckpt, precision=o.precision, **overrides)
     images = draw(model, sampler, o.num, batch=o.batch, seed=o.seed, stage=o.stage)
-    if o.out.endswith(".png"):
-        cio.write_bytes(o.out, grid_png(images, scale=o.scale))
-    else:
-        buf = io.BytesIO()
-        np.save(buf, images)
-        cio.write_bytes(o.out, buf.getvalue())
+    write_images(o.out, images, o.scale)
     return images
 
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cfebm.redact import redact
+from cfebm.redact import flatten, public, redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "CFEBM_MLFLOW_PARENT_RUN_ID"
@@ -86,21 +86,6 @@ def local_artifact_root(tracking_uri: str) -> str | None:
             os.path.dirname(tracking_uri[len("sqlite:///") :]), "mlruns"
         )
     return None
-
-
-def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
-    """Nested settings -> {"train.model.base_width": "16"}: the params.yaml keys as DVC
-    names them. Tables keyed by resolution stay one JSON value."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v and not all(isinstance(x, int) for x in v):
-            out.update(flatten(v, f"{key}."))
-        elif isinstance(v, (list, tuple, dict)):
-            out[key] = json.dumps({str(a): b for a, b in v.items()} if isinstance(v, dict) else v)
-        else:
-            out[key] = str(v)
-    return out
 
 
 def _dvc_process_key() -> str | None:
@@ -350,8 +335,6 @@ def log_stage(
     run id (None when tracking is off)."""
     if not options.mlflow.enabled:
         return None
-    from pipelines._cli import public
-
     key, params = f"{name}:{invocation_key()}:{time.time_ns()}", {name: public(options)}
     with stage_run(options.mlflow, name, key, params, {"cfebm.stage": name}) as t:
         for step, values in curve:

@@ -13,11 +13,8 @@ Resuming: checkpoints go to ``<train.ray.storage>/stage<s>-<r>x<r>-<key>`` every
 ``train.loop.checkpoint_every`` steps, outside DVC's outputs; ``<key>`` hashes what the
 result depends on (config, dataset, previous model). Ray retries a failed worker or node
 from the latest checkpoint (``train.ray.max_failures`` times), and running the stage again
-after a crash continues it: same images seen, same beta, same MLflow run.
-
-Outputs (DVC): ``<out>/stage<s>/model.pt`` (every stage's network, config and counters),
-``run.json``; ``<metrics>/train-stage<s>.json``; the plots under ``<plots>`` (curves per
-step, scores, sample grid and chain: ``dvc plots show``).
+after a crash continues it: same images seen, same beta, same MLflow run. Its outputs
+(DVC) are those of :func:`cfebm.stage.write_stage_outputs` and ``run.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from cfebm.checkpoint import (
     TRAINER_FILE,
     load_checkpoint,
     load_worker_checkpoint,
-    save_checkpoint,
     save_worker_checkpoint,
 )
 from cfebm.config import (
@@ -43,34 +39,19 @@ from cfebm.config import (
     ConfigError,
     ModelConfig,
     SamplerConfig,
-    ScoreConfig,
+    Selection,
     TrainConfig,
     build_dataclass,
 )
 from cfebm.data import DataError, PyramidStore
-from cfebm.data.store import dataset_key, worker_images
 from cfebm.features import FeatureError
-from cfebm.images import make_grid, stage_pictures
-from cfebm.loop import (
-    Hooks,
-    InjectDivergence,
-    LoopConfig,
-    step_metrics,
-    train_stage,
-)
-from cfebm.redact import redact_url
+from cfebm.images import make_grid
+from cfebm.loop import DivergenceInjection, Hooks, LoopConfig, MetricsLog, train_stage
+from cfebm.redact import public, redact_url
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
-from cfebm.trainer import (
-    Trainer,
-    check_training_data,
-    load_previous_stage,
-    model_file,
-    model_from_checkpoint,
-    per_worker,
-    stage_metrics,
-    stage_trainer,
-)
+from cfebm.stage import check_stage, run_record, score_weights, stage_worker, write_stage_outputs
+from cfebm.trainer import Trainer, model_file
 from pipelines import _cli, ray_utils, tracking
 
 
@@ -112,24 +93,6 @@ class SampleLogging:
 
 
 @dataclass
-class Selection(ScoreConfig):
-    """The release selects its model by FID: the last stage can be scored every
-    ``every_images`` images and keep its best-scoring network as the stage's model."""
-
-    every_images: int = 0
-    """Images between scores of the last stage; 0: none (the final network is kept)."""
-
-
-@dataclass
-class DebugOptions:
-    """Fault injection (cfebm.loop.InjectDivergence); leave null in real runs."""
-
-    inject_divergence_at_step: int | None = None
-    """Feed NaN images at this step of the stage, so that it diverges and rolls back."""
-    inject_divergence_times: int = 1
-
-
-@dataclass
 class TrainStage:
     """Train one coarse-to-fine stage (params.yaml section ``train``)."""
 
@@ -158,7 +121,7 @@ class TrainStage:
     ray: RayOptions = field(default_factory=RayOptions)
     mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
     samples: SampleLogging = field(default_factory=SampleLogging)
-    debug: DebugOptions = field(default_factory=DebugOptions)
+    debug: DivergenceInjection = field(default_factory=DivergenceInjection)
     registered_model: str | None = None
     """MLflow registered model of the last stage (a new version per run; ``@latest`` names
     the newest); null: ``cfebm-<data source>``, e.g. cfebm-digits; "": not registered."""
@@ -213,39 +176,13 @@ def _norm(path) -> str:
     return path if "://" in path else os.path.normpath(path)
 
 
-# --- before Ray: everything that can be checked in seconds -----------------------------------
-
-
-def check_inputs(opts: TrainStage, stage: int) -> tuple[CFEBMConfig, dict | None, str]:
-    """(the stage's config with the data's channels, the previous stage's model file or
-    None, a key of the inputs): every mistake that a check can find, before Ray starts."""
-    store = PyramidStore(opts.data, opts.data_storage_options)
-    cfg = check_training_data(opts.config(), store, stage)
-    per_worker(cfg, opts.ray.workers)
-    inputs = {"dataset": dataset_key(opts.data, opts.data_storage_options)}
-    previous = None
-    if stage > 0:
-        previous, inputs["previous_model"] = load_previous_stage(
-            opts.model_path(stage - 1), cfg.model, stage
-        )
-    return cfg, previous, cio.content_key({"stage": stage, "config": asdict(cfg), "inputs": inputs})
-
-
 def selection_features(opts: TrainStage, stage: int) -> bytes | None:
-    """The bytes of the domain extractor that scores the last stage, read once before Ray
-    starts, for workers on any node (None: no selection, or Inception, whose weights come
-    by path or URL). Missing weights are a :class:`ConfigError` naming them."""
-    sel = opts.selection
-    if stage != opts.model.num_stages - 1 or sel.every_images <= 0:
+    """The domain extractor's bytes that score the last stage (None: no selection, or
+    Inception); missing weights are a :class:`ConfigError` naming them, before Ray starts."""
+    if stage != opts.model.num_stages - 1 or opts.selection.every_images <= 0:
         return None
-    weights = sel.features if sel.extractor == "domain" else sel.inception_weights
-    if weights and not cio.exists(weights):
-        raise ConfigError(
-            f"train.selection scores the last stage with {sel.extractor!r} weights "
-            f"{weights}, which do not exist yet: run the stage that writes them first "
-            "(dvc repro features), or set train.selection.every_images: 0"
-        )
-    return cio.read_bytes(weights) if sel.extractor == "domain" else None
+    where = "train.selection (set every_images: 0 for none)"
+    return score_weights(opts.selection, where)
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -266,18 +203,21 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    t_start = time.time()
-    cfg, previous, key = check_inputs(opts, stage)
+    clock = {"start": time.time()}
+    previous_url = opts.model_path(stage - 1) if stage else None
+    cfg, previous, key = check_stage(
+        opts.config(), stage, opts.data, opts.data_storage_options, opts.ray.workers, previous_url
+    )
     features = selection_features(opts, stage)
-    t_checked = time.time()
+    clock["checked"] = time.time()
     r = cfg.model.resolutions[stage]
     run_name = f"stage{stage}-{r}x{r}-{key}"
     place = ray_utils.place(opts.ray, opts.data, opts.data_storage_options, "train.ray.storage")
-    t_placed = time.time()
+    clock["placed"] = time.time()
     run_url = cio.join(place.storage, run_name)
     echo(f"train: {place.connected}")
     echo(f"train: stage {stage} ({r}x{r}) on {place.nodes} node(s); checkpoints in {run_url}")
-    params = {"train": _cli.public(opts), "stage": stage, "ray_run": run_name}
+    params = {"train": public(opts), "stage": stage, "ray_run": run_name}
     tags = {"cfebm.stage": str(stage)}
     with tracking.stage_run(opts.mlflow, f"stage{stage}-{r}x{r}", run_name, params, tags) as track:
         if track:
@@ -316,7 +256,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
             ),
         )
         ray_train_settings(opts.ray)
-        t_fit = time.time()
+        clock["fit"] = time.time()
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -331,34 +271,23 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
             raise StageError(summary.get("error") or f"stage {stage} diverged")
         if result.checkpoint is None:
             raise StageError(f"stage {stage} finished without a checkpoint in {run_name}")
-        t_fitted = time.time()
+        clock["fitted"] = time.time()
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
-        metrics = write_outputs(opts, stage, model_file(ckpt, cfg), summary, track)
-        write_plots(opts.plots, stage, ckpt.get("history") or {})
-        info = {  # how this run went (the metrics file holds results only)
-            "status": summary.get("status"),
-            "resumed_from_step": summary.get("resumed_from_step"),
-            "steps_this_run": summary.get("steps_this_attempt"),
-            "workers": summary.get("world_size"),
-            "images_per_s": summary.get("images_per_s"),
-            "fit_seconds": round(t_fitted - t_fit, 2),
-            "wall_seconds": round(time.time() - t_start, 2),
-            "timings": {  # seconds: where the stage's time went
-                "checks": round(t_checked - t_start, 2),
-                "ray_start": round(t_placed - t_checked, 2),
-                "workers_and_loop": round(t_fitted - t_fit, 2),
-                "loop": round(summary.get("seconds") or 0.0, 2),
-                **(summary.get("timings") or {}),
-                "outputs": round(time.time() - t_fitted, 2),
-            },
-            "ray_run": redact_url(run_url),
-            "mlflow_run_id": track.run_id if track else None,
-        }
-        cio.write_bytes(os.path.join(opts.stage_dir(stage), "run.json"), _cli.json_bytes(info))
+        paths = (opts.model_path(stage), f"{opts.metrics}/train-stage{stage}.json", opts.plots)
+        pictures = (opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
+        model_ckpt, history = model_file(ckpt, cfg), ckpt.get("history") or {}
+        metrics, pngs = write_stage_outputs(model_ckpt, summary, history, paths, pictures)
+        clock["end"] = time.time()
+        ids = {"ray_run": redact_url(run_url), "mlflow_run_id": track.run_id if track else None}
+        info = run_record(summary, clock, **ids)
+        cio.write_json(os.path.join(opts.stage_dir(stage), "run.json"), info)
         if track:
-            seconds = {"stage_seconds": info["fit_seconds"]}
-            tracking.log_metrics(track.client, track.run_id, metrics["step"], seconds)
+            c, run_id, step = track.client, track.run_id, metrics["step"]
+            tracking.log_png(c, run_id, pngs["samples.png"], key="samples", step=step)
+            for name, png in pngs.items():
+                tracking.log_png(c, run_id, png, f"final/{name}")
+            tracking.log_metrics(c, run_id, step, {"stage_seconds": info["fit_seconds"]})
             name = opts.registered_name() if stage == cfg.model.num_stages - 1 else None
             tracking.flush(track.client)
             from pipelines import serving  # (mlflow's model flavours: only where used)
@@ -369,49 +298,10 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
     return metrics
 
 
-PLOTS = {
-    "train": ("loss", "energy_data", "energy_sample"),
-    "beta": ("beta",),
-    "speed": ("images_per_s",),
-}
-"""DVC plots of a stage's steps: ``<plots>/<name>/stage<s>.csv`` holds step and these."""
-
-
-def write_plots(folder: str, stage: int, history: dict) -> None:
-    """The stage's curves as DVC plots (:data:`PLOTS`), and its scores (the last stage's
-    selection; a header only otherwise) as ``<folder>/scores/stage<s>.csv``."""
-    steps, scores = history.get("steps", []), history.get("evaluations", [])
-    for name, columns in PLOTS.items():
-        cio.write_csv(f"{folder}/{name}/stage{stage}.csv", steps, ["step", *columns])
-    columns = ["step", "stage_images", "score", *(scores[-1] if scores else {})]
-    cio.write_csv(f"{folder}/scores/stage{stage}.csv", scores, list(dict.fromkeys(columns)))
-
-
-def write_outputs(opts: TrainStage, stage: int, model_ckpt: dict, summary: dict, track) -> dict:
-    """model.pt, samples.png and chain.png (image plots; also logged to MLflow) and the
-    stage's metrics."""
-    model = model_from_checkpoint(model_ckpt)
-    model_path = opts.model_path(stage)
-    save_checkpoint(model_ckpt, model_path)
-    pngs = stage_pictures(model, opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
-    for name, png in pngs.items():
-        cio.write_bytes(f"{opts.plots}/images/stage{stage}/{name}", png)
-    metrics, step = stage_metrics(model_ckpt, summary), model_ckpt["state"]["step"]
-    cio.write_bytes(
-        os.path.join(opts.metrics, f"train-stage{stage}.json"), _cli.json_bytes(metrics)
-    )
-    if track:
-        c, run_id = track.client, track.run_id
-        tracking.log_png(c, run_id, pngs["samples.png"], key="samples", step=step)
-        for name, png in pngs.items():
-            tracking.log_png(c, run_id, png, f"final/{name}")
-    return metrics
-
-
 # --- the workers ------------------------------------------------------------------------------
 
 
-class RayHooks(Hooks):
+class RayHooks(MetricsLog):
     """Checkpoints into Ray Train's storage, metrics and sample grids to MLflow (rank 0),
     progress lines to the driver's console; the last stage's scores computed on rank 0 and
     shared with every rank (they decide the same)."""
@@ -426,22 +316,13 @@ class RayHooks(Hooks):
         if self.rank == 0:
             print(text, flush=True)
 
-    def _log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict) -> None:
         if self.client is not None:
             tracking.log_metrics(self.client, self.run_id, step, values)
 
-    def event(self, name: str, info: dict) -> None:
-        if name == "resumed":
-            self._log(info["step"], {"resumed_from_step": info["step"]})
-        elif name == "rollback":
-            self._log(info["step"], {"rollbacks": info["rollbacks"], "lr": info["lr"]})
-        elif name == "evaluated":
-            self._log(info["step"], {k: v for k, v in info.items() if k != "step"})
-
     def after_step(self, t: Trainer, r, seconds: float) -> None:
-        step = t.state.step
-        self._log(step, step_metrics(t, r, seconds, self.world))
-        every, n = self.opts.samples.every, self.opts.samples.count
+        super().after_step(t, r, seconds)
+        step, every, n = t.state.step, self.opts.samples.every, self.opts.samples.count
         if self.client is not None and every and step % every == 0:
             images = draw(t.model, t.cfg.sampler, n, seed=4242, beta=t.beta)
             grid = make_grid(images, scale=max(1, 32 // t.resolution))
@@ -478,21 +359,7 @@ def train_loop_per_worker(job: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(opts.ray.threads_per_worker)
     device = ray.train.torch.get_device() if opts.ray.use_gpu else torch.device("cpu")
-    r = cfg.model.resolutions[stage]
     last = stage == cfg.model.num_stages - 1 and opts.selection.every_images > 0
-    try:
-        store = PyramidStore(job["data_url"], opts.data_storage_options)
-        images, how = worker_images(store, r, rank, world)
-        if last and rank == 0:  # (the metrics libraries load only where they are used)
-            from cfebm.evaluate import score_hook
-
-            features = job["features"] and cio.local_file(job["features"], ".pt")
-            score = score_hook(opts.selection, store, r, features=features)
-        else:
-            score = None
-    except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again
-        return {"status": "config_error", "error": str(e)}
-    print(f"[rank {rank}/{world}] {len(images)} images at {r}x{r}: {how}", flush=True)
 
     def wrap(net):  # once beta reaches 1 the fade path is unused: DDP must not wait for it
         unused = {"find_unused_parameters": net.stage > 0}
@@ -503,26 +370,22 @@ def train_loop_per_worker(job: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state, exact = load_worker_checkpoint(d, rank, world)
-    trainer = stage_trainer(
-        per_worker(cfg, world),
-        stage,
-        {r: torch.from_numpy(images)},
-        job["previous"],
-        state,
-        exact=exact,
-        device=device,
-        world_size=world,
-        rank=rank,
-        wrap_model=wrap,
-    )
+    try:
+        store = PyramidStore(job["data_url"], opts.data_storage_options)
+        score = opts.selection if last and rank == 0 else None
+        trainer, scorer, how = stage_worker(
+            cfg, stage, store, rank, world, score=score, weights=job["features"],
+            previous=job["previous"], state=state, exact=exact, device=device, wrap_model=wrap,
+        )  # fmt: skip
+    except (DataError, ConfigError, FeatureError) as e:  # deterministic: a retry fails again
+        return {"status": "config_error", "error": str(e)}
+    print(f"[rank {rank}/{world}] {how}", flush=True)
     loop = opts.loop
     if last:
+        r = cfg.model.resolutions[stage]
         every = max(1, opts.selection.every_images // cfg.train.batch_for(r))
         loop = replace(loop, evaluate_every=every, keep_best=True)
-    hooks = [RayHooks(job, rank, world, score)]
-    if opts.debug.inject_divergence_at_step is not None:
-        d = opts.debug
-        hooks.append(InjectDivergence(d.inject_divergence_at_step, d.inject_divergence_times))
+    hooks = [RayHooks(job, rank, world, scorer), *opts.debug.hooks()]
     summary = train_stage(trainer, loop, hooks, resumed=checkpoint is not None)
     return {**asdict(summary), "world_size": world}
 
@@ -545,7 +408,7 @@ main = _cli.stage_main(
     arguments=lambda p: p.add_argument(
         "--stage", type=int, required=True, help="stage index s (0 = coarsest)"
     ),
-    settings=lambda opts, extra: {"stage": extra.stage, **_cli.public(opts)},
+    settings=lambda opts, extra: {"stage": extra.stage, **public(opts)},
     errors=(StageError,),
 )
 

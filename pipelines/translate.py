@@ -20,34 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from cfebm import io as cio
 from cfebm.checkpoint import save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
-from cfebm.data import PyramidStore, to_unit_range, training_images
+from cfebm.data import PyramidStore, training_images
 from cfebm.loop import FileCheckpoints, LoopConfig, resume_from_file
-from cfebm.metrics import Extractors, MetricsConfig, compute_metrics
-from cfebm.sampling import to_uint8
 from cfebm.trainer import Trainer
-from cfebm.translate import evaluate_translation, train_translator, translation_pictures
+from cfebm.translate import TranslationConfig, train_translator, translation_study
 from pipelines import _cli, models, tracking
 
 
 @dataclass
-class Fidelity(Extractors):
-    """FID/KID of the translations against the target domain (cfebm.metrics); the domain
-    extractor's ``features`` are trained on the target domain."""
-
-    extractors: list[str] = field(default_factory=list)
-    """``domain`` and/or ``inception-v3-compat``; empty: no FID/KID."""
-    features: str | None = None
-    inception_download: bool = False
-    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(prc=False))
-
-
-@dataclass
-class TranslateStage(models.Runtime):
+class TranslateStage(TranslationConfig, models.Runtime):
     """One-sided translation source -> target (params.yaml section ``translate``)."""
 
     source: str = "data/shapes_a/pyramid"
@@ -65,15 +49,6 @@ class TranslateStage(models.Runtime):
     )
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Checkpoint cadence (of ``checkpoint``), rollbacks, progress lines."""
-    split: str = "test"
-    """Held-out source split that is translated (and the target's reference split)."""
-    num_images: int | None = 256
-    """Held-out images translated (seeded subset); null: all."""
-    start_stage: int | None = None
-    """Stage whose resolution the translation chain starts at; null: the finest."""
-    foreground: bool = True
-    """Measure the object-mask IoU (scenes of one object on a background, e.g. shapes)."""
-    foreground_min_contrast: float = 0.1
     model_out: str = "models/translate/model.pt"
     """The translator's model file (DVC output)."""
     checkpoint: str = "runs/translate/last.pt"
@@ -81,26 +56,6 @@ class TranslateStage(models.Runtime):
     metrics: str = "metrics/translate.json"
     images: str = "outputs/translate"
     """Folder of translation.png and saliency.png."""
-    grid_images: int = 16
-    seed: int = 0
-    """Seeds the held-out subset and the translation chains."""
-    fidelity: Fidelity = field(default_factory=Fidelity)
-
-
-def fidelity_metrics(
-    f: Fidelity, translations: np.ndarray, reference: np.ndarray, device, log=print
-) -> dict:
-    """FID/KID of the translations against target images, with each configured extractor."""
-    try:
-        extractors = f.make()
-    except ValueError as e:  # missing or unknown weights (FeatureError, InceptionWeightsError)
-        raise ConfigError(f"translate.fidelity: {e}") from e
-    out: dict[str, float] = {}
-    for ex in extractors:
-        values = compute_metrics(translations, reference, ex, f.metrics, device=device)
-        log("translate: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        out.update(values)
-    return out
 
 
 def run(p: TranslateStage, log=print) -> dict:
@@ -128,33 +83,14 @@ def run(p: TranslateStage, log=print) -> dict:
     save_checkpoint(trainer.model_state(), p.model_out)
     model = trainer.model.eval()
     log(f"translate: trained in {seconds:.0f} s; wrote {p.model_out}")
-    r = model.resolution()
-    xs = to_unit_range(source.subset(p.split, r, p.num_images, p.seed)).to(device)
-    xt = to_unit_range(target.subset(p.split, r, p.num_images, p.seed + 1)).to(device)
-    metrics, y, maps = evaluate_translation(
-        model,
-        xs,
-        xt,
-        cfg.sampler,
-        start_stage=p.start_stage,
-        foreground=p.foreground,
-        min_contrast=p.foreground_min_contrast,
-        seed=p.seed,
-    )
-    metrics.update(
-        fidelity_metrics(
-            p.fidelity, to_uint8(y).cpu().numpy(), to_uint8(xt).cpu().numpy(), device, log
-        )
-    )
+    metrics, pngs = translation_study(model, source, target, cfg.sampler, p, device, log)
     curve = [(row.pop("step"), row) for row in copy.deepcopy(trainer.history["steps"])]
     metrics["train_steps"] = len(curve)
     log(
         "translate: "
         + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     )
-    n, scale = min(p.grid_images, len(xs)), max(1, 64 // r)
-    pngs = translation_pictures(xs, y, maps, n, scale)
-    _cli.write_results(p.metrics, metrics, p.images, pngs)
+    cio.write_results(p.metrics, metrics, p.images, pngs)
     logged = {**metrics, "train_seconds": round(seconds, 1)}  # timings: MLflow, not DVC
     tracking.log_stage("translate", p, logged, pngs, curve=curve, log=log)
     return metrics

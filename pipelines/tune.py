@@ -13,10 +13,7 @@ checkpoint; ASHA stops trials that score badly at a rung.
 Resuming: the experiment lives in ``<tune.ray.storage>/tune-stage<s>-<r>x<r>-<key>`` (``<key>``
 hashes the settings and inputs), outside DVC's outputs; running the stage again restores
 it: finished trials are kept, interrupted ones continue from their last checkpoint.
-
-Outputs: ``tune.out`` (tune/best.json: the best sampler setting, read by the training
-stages when ``train.sampler_from_tune`` points at it, and every trial's outcome) and
-``tune.metrics``. MLflow: a nested ``tune`` run with one nested run per trial.
+MLflow: a nested ``tune`` run with one nested run per trial.
 """
 
 from __future__ import annotations
@@ -37,12 +34,12 @@ from cfebm import io as cio
 from cfebm.checkpoint import TRAINER_FILE, load_checkpoint, save_checkpoint
 from cfebm.config import CFEBMConfig, ConfigError, ScoreConfig
 from cfebm.data import PyramidStore
-from cfebm.data.store import dataset_key, training_images
-from cfebm.features import FeatureError
-from cfebm.loop import Hooks, LoopConfig, step_metrics, train_stage
-from cfebm.redact import redact_url
+from cfebm.data.store import dataset_key
+from cfebm.loop import LoopConfig, MetricsLog, train_stage
+from cfebm.redact import public, redact_url
 from cfebm.search import (
     DIVERGED_SCORE,
+    Asha,
     SearchSpace,
     TrialSummary,
     TuneError,
@@ -53,6 +50,7 @@ from cfebm.search import (
     trial_summary,
     with_sampler,
 )
+from cfebm.stage import score_weights, stage_worker
 from pipelines import _cli, ray_utils, tracking
 
 TRIAL_TAG, OUTCOME_TAG = "cfebm.tune.trial", "cfebm.tune.outcome"
@@ -60,22 +58,6 @@ SAMPLES_FILE, SCORES_FILE = "samples.png", "scores.json"
 
 
 # --- options ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Asha:
-    """Early stopping (asynchronous successive halving, Li et al. 2018)."""
-
-    enabled: bool = True
-    """false: every trial trains to the end (FIFO)."""
-    grace_steps: int = 20
-    """No trial is stopped before this many training steps."""
-    reduction_factor: float = 2.0
-    """At each rung only the best 1/factor of the trials that reached it go on."""
-
-    def __post_init__(self) -> None:
-        if self.grace_steps < 1 or not self.reduction_factor > 1:
-            raise ConfigError("tune.asha: grace_steps must be >= 1 and reduction_factor > 1")
 
 
 @dataclass
@@ -136,6 +118,8 @@ class TuneStage:
     optim: dict[str, Any] = field(default_factory=dict)
     """Overrides of ``train.optim`` for the trials."""
     out: str = "tune/best.json"
+    """The best sampler setting (what ``train.sampler_from_tune`` reads) and every trial's
+    outcome."""
     metrics: str = "metrics/tune.json"
     ray: TuneRay = field(default_factory=TuneRay)
     mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
@@ -170,47 +154,42 @@ def base_config(p: TuneStage, train) -> CFEBMConfig:
 # --- one trial --------------------------------------------------------------------------------
 
 
-class TrialReports(Hooks):
+class TrialReports(MetricsLog):
     """A trial's reports: every evaluation (of ``scorer``) is a Tune result with a
     checkpoint; curves and sample grids go to the trial's MLflow run."""
 
     def __init__(self, p: TuneStage, trial_id: str, setting: dict, scores: list, scorer):
         self.p, self.trial_id, self.scores, self.scorer = p, trial_id, scores, scorer
         self.where = describe(setting)
-        self.client = self.run_id = self.last = None
+        self.client = self.run_id = None
 
-    def _log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict) -> None:
         if self.client:
             tracking.log_metrics(self.client, self.run_id, step, values)
 
-    def after_step(self, t, r, seconds) -> None:
-        self.last = r
-        self._log(t.state.step, step_metrics(t, r, seconds))
-
     def event(self, name: str, info: dict) -> None:
+        super().event(name, info)
         if name == "resumed":
             print(f"tune: trial {self.trial_id} ({self.where}) resumed at step {info['step']}")
-            self._log(info["step"], {"resumed_from_step": info["step"]})
 
     def checkpoint(self, t, info: dict) -> None:
         import ray.tune
 
         from cfebm.images import grid_png
 
-        step, values, r = t.state.step, self.scorer.values, self.last
+        step, values, loss = t.state.step, self.scorer.values, info.get("loss", math.nan)
         score = values[self.scorer.key]
         print(
             f"tune: trial {self.trial_id} ({self.where}) step {step}/{self.p.train_steps}: "
-            f"{self.scorer.key} {score:.4g}, loss {r.loss:+.4f}",
+            f"{self.scorer.key} {score:.4g}, loss {loss:+.4f}",
             flush=True,
         )
         png = grid_png(self.scorer.samples[:64], scale=max(1, 32 // t.resolution))
-        self._log(step, {**values, "score": score})
         if self.client:
             tracking.log_png(self.client, self.run_id, png, key="samples", step=step)
             tracking.flush(self.client)
         self.scores.append([step, score])
-        report = {"step": step, "score": score, **values, "loss": r.loss, "beta": t.beta}
+        report = {"step": step, "score": score, **values, "loss": loss, "beta": t.beta}
         with cio.report_dir("tune") as d:
             save_checkpoint(t.state_dict(), os.path.join(d, TRAINER_FILE))
             cio.write_bytes(os.path.join(d, SAMPLES_FILE), png)
@@ -250,25 +229,21 @@ def run_trial(config: dict, job: dict) -> None:
     cfebm's loop and report the score every ``eval_every`` steps."""
     import ray.tune
 
-    from cfebm.evaluate import score_hook
-    from cfebm.trainer import stage_trainer
-
     p: TuneStage = job["options"]
     torch.set_num_threads(max(1, int(p.ray.cpus_per_trial)))
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = with_sampler(job["config"], config)
-    r = cfg.model.resolutions[p.stage]
-    store = PyramidStore(job["data_url"], p.data_storage_options)
-    features = job["features"] and cio.local_file(job["features"], ".pt")  # the weights
-    scorer = score_hook(p.score, store, r, features=features)
     state, scores = None, []
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(os.path.join(d, TRAINER_FILE))
             scores = json.loads(cio.read_bytes(os.path.join(d, SCORES_FILE)))
-    data = training_images(store, [r])
-    trainer = stage_trainer(cfg, p.stage, data, job["previous"], state)
+    store = PyramidStore(job["data_url"], p.data_storage_options)
+    trainer, scorer, _ = stage_worker(
+        cfg, p.stage, store, score=p.score, weights=job["features"], previous=job["previous"],
+        state=state,
+    )  # fmt: skip
     reports = TrialReports(p, trial_id, dict(config), scores, scorer)
     try:
         reports.client, reports.run_id = _open_trial_run(job, trial_id, dict(config))
@@ -286,7 +261,7 @@ def run_trial(config: dict, job: dict) -> None:
     )
     if summary.status == "diverged":
         # A setting that diverges is a bad setting: rolling it back would only hide that.
-        reports._log(summary.step + 1, {"diverged": 1})
+        reports.log(summary.step + 1, {"diverged": 1})
         ray.tune.report({"step": summary.step + 1, "score": DIVERGED_SCORE, "diverged": 1})
 
 
@@ -394,16 +369,11 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
     cfg = dataclasses.replace(cfg, model=cfg.model.with_channels(store.channels))
     r = cfg.model.resolutions[p.stage]
     inputs = {"dataset": dataset_key(p.data, p.data_storage_options)}
-    previous, features = None, None
+    previous = None
     if p.stage > 0:
         previous, inputs["warm_start"] = load_previous_stage(p.warm_start, cfg.model, p.stage)
-    if p.score.extractor == "domain":
-        if not cio.exists(p.score.features):
-            raise FeatureError(
-                f"tune.score.features {p.score.features} does not exist: run the features "
-                "stage first"
-            )
-        features = cio.read_bytes(p.score.features)
+    features = score_weights(p.score, "tune.score")
+    if features is not None:
         inputs["features"] = hashlib.sha256(features).hexdigest()
     name = f"tune-stage{p.stage}-{r}x{r}-{experiment_key(p, cfg, inputs)}"
 
@@ -421,7 +391,7 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
         "experiment": name,
         "tune_run_id": None,
     }
-    params, tags = {"tune": _cli.public(p)}, {"cfebm.stage": "tune"}
+    params, tags = {"tune": public(p)}, {"cfebm.stage": "tune"}
     with tracking.stage_run(p.mlflow, f"tune-stage{p.stage}", name, params, tags) as track:
         if track:
             job.update(tracking_uri=track.uri, experiment_id=track.experiment_id)
@@ -497,8 +467,8 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
         result, metrics = search_result(trials, best, baseline, p.score.metric)
         result.update(stage=p.stage, resolution=r, experiment=redact_url(exp_path))
         metrics["restored"] = restoring
-        cio.write_bytes(p.out, _cli.json_bytes(result))
-        cio.write_bytes(p.metrics, _cli.json_bytes(metrics))
+        cio.write_json(p.out, result)
+        cio.write_json(p.metrics, metrics)
         if track:
             log_results(track, job, trials, best, grid, result, metrics, time.time() - t_fit)
             track.results = metrics
@@ -557,7 +527,7 @@ main = _cli.stage_main(
     __doc__,
     _done,
     settings=lambda p, extra: {
-        **_cli.public(p),
+        **public(p),
         "base_config": dataclasses.asdict(_config(p, extra)),
     },
     errors=(TuneError,),

@@ -15,6 +15,7 @@ from data_fixtures import (
     write_cifar_archive,
 )
 
+from cfebm.config import ConfigError, build_dataclass
 from cfebm.data import DataError, PrepareConfig, PyramidStore, prepare
 from cfebm.data.shapes import COLOURS, PALETTES, SHAPES
 
@@ -216,8 +217,8 @@ def test_bad_parameters_are_named(config, phrase):
 
 
 def test_unknown_parameter_is_named():
-    with pytest.raises(DataError, match="resolutoin"):
-        PrepareConfig.from_dict({"resolutoin": 16})
+    with pytest.raises(ConfigError, match="resolutoin"):
+        build_dataclass(PrepareConfig, {"resolutoin": 16}, "prepare")
 
 
 def test_manifest_records_source_without_credentials(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from cfebm.config import ConfigError, build_dataclass
+from cfebm.data.store import ClusterStorageError, check_paths, dataset_for_workers
+from cfebm.redact import flatten
 from pipelines import _cli, ray_utils, tracking
 from pipelines.evaluate import EvaluateStage
 from pipelines.restore import RestoreStage
@@ -136,11 +138,11 @@ def test_sampler_from_tune_overrides_the_train_sampler(tmp_path):
 
 def test_local_storage_is_refused_on_a_multi_node_cluster():
     paths = {"train.ray.storage": "/work/runs/ray"}
-    ray_utils.check_paths(1, paths, shared_filesystem=False)  # one node: fine
-    with pytest.raises(ray_utils.ClusterStorageError, match="3 nodes.*local path.*s3://"):
-        ray_utils.check_paths(3, paths, shared_filesystem=False)
-    ray_utils.check_paths(3, paths, shared_filesystem=True)
-    ray_utils.check_paths(3, {"x": "s3://bucket/runs"}, shared_filesystem=False)
+    check_paths(1, paths, shared_filesystem=False)  # one node: fine
+    with pytest.raises(ClusterStorageError, match="3 nodes.*local path.*s3://"):
+        check_paths(3, paths, shared_filesystem=False)
+    check_paths(3, paths, shared_filesystem=True)
+    check_paths(3, {"x": "s3://bucket/runs"}, shared_filesystem=False)
 
 
 def test_workers_get_object_store_and_tracking_settings_but_no_credential():
@@ -167,12 +169,12 @@ def test_a_local_dataset_is_staged_to_remote_storage_for_a_cluster(tmp_path, s3_
     prepared, pyramid = str(tmp_path / "prepared"), str(tmp_path / "pyramid")
     prepare(PrepareConfig(source="shapes", num_train=20, num_test=4, resolution=8, out=prepared))
     build_pyramid(PyramidConfig(input=prepared, out=pyramid, coarsest=4))
-    assert ray_utils.dataset_for_workers(pyramid, f"{s3_env}/runs", 1, False) == pyramid
-    url = ray_utils.dataset_for_workers(pyramid, f"{s3_env}/runs", 2, False)
+    assert dataset_for_workers(pyramid, f"{s3_env}/runs", 1, False) == pyramid
+    url = dataset_for_workers(pyramid, f"{s3_env}/runs", 2, False)
     assert url.startswith(f"{s3_env}/runs/datasets/")
     remote, local = PyramidStore(url, cache_dir=str(tmp_path / "cache")), PyramidStore(pyramid)
     assert (remote.read("train", 4) == local.read("train", 4)).all()
-    assert ray_utils.dataset_for_workers(pyramid, f"{s3_env}/runs", 2, False) == url  # once
+    assert dataset_for_workers(pyramid, f"{s3_env}/runs", 2, False) == url  # once
 
 
 def test_the_tracking_store_is_the_projects_even_in_a_dvc_temp_copy(monkeypatch, tmp_path):
@@ -188,9 +190,7 @@ def test_the_tracking_store_is_the_projects_even_in_a_dvc_temp_copy(monkeypatch,
 
 
 def test_params_are_logged_under_their_params_yaml_names():
-    flat = tracking.flatten(
-        {"train": {"optim": {"lr": {4: 0.001}, "seed": 0}, "ray": {"workers": 2}}}
-    )
+    flat = flatten({"train": {"optim": {"lr": {4: 0.001}, "seed": 0}, "ray": {"workers": 2}}})
     assert flat == {
         "train.optim.lr": '{"4": 0.001}',
         "train.optim.seed": "0",

@@ -23,6 +23,7 @@ from cfebm.data import PyramidStore, to_unit_range
 from cfebm.metrics import MetricsConfig
 from cfebm.sampling import to_uint8
 from cfebm.trainer import model_from_checkpoint
+from cfebm.translate import Fidelity, fidelity_metrics
 from cfebm.translate import translate as translate_images
 from pipelines import ood, restore, translate
 
@@ -181,7 +182,7 @@ def test_translation_fid_and_kid_against_the_target_domain(
     net = FeatureNet(FeatureNetConfig(channels=3, resolution=8, num_classes=(5, 8), width=4))
     weights = str(tmp_path / "features.pt")
     save_feature_net(net.eval(), weights, "cfebm-shapes-test-cnn")
-    fidelity = translate.Fidelity(
+    fidelity = Fidelity(
         extractors=["domain"],
         features=weights,
         metrics=MetricsConfig(prc=False, kid_subsets=10, kid_subset_size=50),
@@ -192,8 +193,8 @@ def test_translation_fid_and_kid_against_the_target_domain(
     with torch_threads(1):
         y = translate_images(model, source, cfg.sampler, generator=torch.Generator().manual_seed(0))
     quiet = {"device": "cpu", "log": lambda _: None}
-    m = translate.fidelity_metrics(fidelity, to_uint8(y).numpy(), target, **quiet)
-    before = translate.fidelity_metrics(fidelity, to_uint8(source).numpy(), target, **quiet)
+    m = fidelity_metrics(fidelity, to_uint8(y).numpy(), target, **quiet)
+    before = fidelity_metrics(fidelity, to_uint8(source).numpy(), target, **quiet)
     fid = metric_key("fid", "cfebm-shapes-test-cnn")
     assert set(m) == {
         fid,
@@ -201,7 +202,7 @@ def test_translation_fid_and_kid_against_the_target_domain(
         metric_key("kid_std", "cfebm-shapes-test-cnn"),
     }
     assert m[fid] < before[fid]  # translations are nearer the target domain than the sources
-    same = translate.fidelity_metrics(fidelity, target, target, **quiet)
+    same = fidelity_metrics(fidelity, target, target, **quiet)
     assert same[fid] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ConfigError, match="weights file"):
-        translate.fidelity_metrics(translate.Fidelity(extractors=["domain"]), target, target, "cpu")
+        fidelity_metrics(Fidelity(extractors=["domain"]), target, target, "cpu")

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from cfebm.data import layout
 from cfebm.data.errors import DataError
 from cfebm.data.images import RESAMPLE
-from cfebm.data.params import from_section
 from cfebm.data.pyramid import level_info
 from cfebm.data.source import Source
 from cfebm.data.writer import DatasetWriter, ShardBuffer
@@ -89,10 +88,6 @@ class PrepareConfig:
             raise DataError(f"prepare.shard_size must be an integer >= 1, got {self.shard_size!r}")
         if not isinstance(self.storage_options, dict):
             raise DataError("prepare.storage_options must be a mapping")
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> PrepareConfig:
-        return from_section(cls, values, "prepare")
 
     def public(self) -> dict:
         """The settings recorded in the manifest (no storage_options or out; URLs without

@@ -14,7 +14,6 @@ import numpy as np
 
 from cfebm.data import layout
 from cfebm.data.errors import DataError
-from cfebm.data.params import from_section
 from cfebm.data.store import PyramidStore
 from cfebm.redact import redact
 from cfebm.data.writer import DatasetWriter
@@ -69,10 +68,6 @@ class PyramidConfig:
         layout.check_resolution(self.coarsest, "pyramid.coarsest")
         if not isinstance(self.storage_options, dict):
             raise DataError("pyramid.storage_options must be a mapping")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PyramidConfig:
-        return from_section(cls, values, "pyramid")
 
     def public(self) -> dict:
         """The settings without storage_options (which may hold credentials), URLs

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cfebm import io as cio
 from cfebm.data import layout
 from cfebm.data.errors import DataError
 from cfebm.data.storage import filesystem, is_local, storage_errors
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "CFEBM_CACHE_DIR"
 
@@ -302,6 +306,44 @@ def copy_dataset(
         with src_fs.open(f"{src_root}/{rel}", "rb") as f:
             dst_fs.pipe_file(f"{dst_root}/{rel}", f.read())
     dst_fs.pipe_file(f"{dst_root}/{layout.MANIFEST}", manifest)
+    return dest
+
+
+class ClusterStorageError(ValueError):
+    """A path that the workers of a multi-node cluster cannot all reach."""
+
+
+def check_paths(nodes: int, paths: dict[str, str], shared_filesystem: bool) -> None:
+    """Refuse local ``paths`` (name -> URL) when the job's workers run on several nodes
+    (machines): what a worker writes there no other node would find."""
+    if nodes <= 1 or shared_filesystem:
+        return
+    local = {name: url for name, url in paths.items() if cio.is_local(url)}
+    if local:
+        listed = ", ".join(f"{name} = {url}" for name, url in local.items())
+        raise ClusterStorageError(
+            f"the Ray cluster has {nodes} nodes but {listed} is a local path: workers on "
+            "other nodes would write checkpoints where no one finds them again. Use shared "
+            "storage (e.g. train.ray.storage: s3://bucket/cfebm-runs), or set "
+            "train.ray.shared_filesystem: true if this path is on a filesystem that every "
+            "node mounts (NFS)."
+        )
+
+
+def dataset_for_workers(
+    data_url: str,
+    storage_url: str,
+    nodes: int,
+    shared_filesystem: bool,
+    data_options: dict | None = None,
+    storage_options: dict | None = None,
+) -> str:
+    """Where workers on ``nodes`` machines read the dataset: ``data_url`` itself unless it
+    is local and there are several nodes, in which case a copy in the run storage."""
+    if nodes <= 1 or shared_filesystem or not cio.is_local(data_url):
+        return cio.absolute(data_url)
+    dest = copy_dataset(data_url, cio.join(storage_url, "datasets"), data_options, storage_options)
+    log.info("the cluster's workers read the dataset %s from its copy %s", data_url, dest)
     return dest
 
 

@@ -248,7 +248,7 @@ class Tracking:
             log_metrics(
                 self.client, self.parent, 0, {f"{self.name}/{k}": v for k, v in values.items()}
             )
-        flush(self.client)
+        flush()
         self.client.set_terminated(self.run_id, status)
         if self.parent and not self.external_parent:
             prev = self.client.get_run(self.parent).info.status
@@ -279,6 +279,10 @@ def stage_run(options: TrackingOptions, name: str, key: str, params: Mapping, ta
 # --- logging (also from workers) -------------------------------------------------------------
 
 
+_QUEUED: list = []
+"""The futures (RunOperations) of this process's queued metric batches."""
+
+
 def log_metrics(c, run_id: str, step: int, values: Mapping[str, float]) -> None:
     """Metrics of one step, queued for MLflow's asynchronous logging (batched in the
     background; :func:`flush` waits for them)."""
@@ -287,17 +291,18 @@ def log_metrics(c, run_id: str, step: int, values: Mapping[str, float]) -> None:
     ts = int(time.time() * 1000)
     metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items() if v is not None]
     if metrics:
-        c.log_batch(run_id, metrics=metrics, synchronous=False)
+        _QUEUED.append(c.log_batch(run_id, metrics=metrics, synchronous=False))
 
 
-def flush(c) -> None:
-    """Wait for the metrics queued for client ``c``'s store. (MLflow's flush acts on the
-    default store, which a worker or a driver whose URI came from params.yaml does not use:
-    it would open a sqlite file in the working folder instead.)"""
-    import mlflow
+def flush() -> None:
+    """Wait until every metric that :func:`log_metrics` queued in this process is stored, by
+    each batch's own future. (``mlflow.flush_async_logging`` restarts MLflow's logging
+    thread, which waits up to a second for its queue: a second at every checkpoint.)"""
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(c.tracking_uri)
-    mlflow.flush_async_logging()
+    while _QUEUED:
+        with contextlib.suppress(MlflowException):  # a failed batch: MLflow has said so
+            _QUEUED.pop(0).wait()
 
 
 def log_png(c, run_id: str, png: bytes, artifact_file: str | None = None, key=None, step=0):

@@ -289,7 +289,7 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
                 tracking.log_png(c, run_id, png, f"final/{name}")
             tracking.log_metrics(c, run_id, step, {"stage_seconds": info["fit_seconds"]})
             name = opts.registered_name() if stage == cfg.model.num_stages - 1 else None
-            tracking.flush(track.client)
+            tracking.flush()
             from pipelines import serving  # (mlflow's model flavours: only where used)
 
             uri = serving.log_model(track.run_id, track.uri, opts.model_path(stage), name)
@@ -344,7 +344,7 @@ class RayHooks(MetricsLog):
             ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=info["name"])
         if self.client is not None:
-            tracking.flush(self.client)
+            tracking.flush()
 
 
 def train_loop_per_worker(job: dict) -> dict:

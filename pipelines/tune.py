@@ -187,7 +187,7 @@ class TrialReports(MetricsLog):
         png = grid_png(self.scorer.samples[:64], scale=max(1, 32 // t.resolution))
         if self.client:
             tracking.log_png(self.client, self.run_id, png, key="samples", step=step)
-            tracking.flush(self.client)
+            tracking.flush()
         self.scores.append([step, score])
         report = {"step": step, "score": score, **values, "loss": loss, "beta": t.beta}
         with cio.report_dir("tune") as d:

@@ -129,7 +129,7 @@ def pipeline(monkeypatch, uri, invocation, step_size, seconds, scores, tune_best
             {"cfebm.stage": "evaluate"},
             metrics,
         )
-    tracking.flush(tracking.client(uri))
+    tracking.flush()
 
 
 @pytest.fixture(scope="module")

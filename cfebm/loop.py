@@ -117,17 +117,34 @@ class InjectDivergence(Hooks):
         return trainer.next_batch().float() * float("nan")
 
 
+class SlowCheckpoints(Hooks):
+    """Pacing for fault tests: each checkpoint waits ``seconds`` after it is written, so
+    that a kill can land between checkpoints however fast the steps are."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def checkpoint(self, trainer: Trainer, info: dict) -> None:
+        time.sleep(self.seconds)
+
+
 @dataclass
-class DivergenceInjection:
-    """Fault injection settings (:class:`InjectDivergence`); leave null in real runs."""
+class FaultInjection:
+    """Fault-test settings (:class:`InjectDivergence`, :class:`SlowCheckpoints`); leave them
+    null and 0 in real runs."""
 
     inject_divergence_at_step: int | None = None
     """Feed NaN images at this step of the stage, so that it diverges and rolls back."""
     inject_divergence_times: int = 1
+    checkpoint_delay_s: float = 0.0
+    """Seconds each checkpoint waits once written (lets a test kill a stage mid-way)."""
 
     def hooks(self) -> list[Hooks]:
-        at = self.inject_divergence_at_step
-        return [] if at is None else [InjectDivergence(at, self.inject_divergence_times)]
+        """The hooks these settings ask for, to run after the stage's own."""
+        at, out = self.inject_divergence_at_step, []
+        if at is not None:
+            out.append(InjectDivergence(at, self.inject_divergence_times))
+        return out + [SlowCheckpoints(self.checkpoint_delay_s)] * (self.checkpoint_delay_s > 0)
 
 
 @dataclass

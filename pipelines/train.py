@@ -46,7 +46,7 @@ from cfebm.config import (
 from cfebm.data import DataError, PyramidStore
 from cfebm.features import FeatureError
 from cfebm.images import make_grid
-from cfebm.loop import DivergenceInjection, Hooks, LoopConfig, MetricsLog, train_stage
+from cfebm.loop import FaultInjection, Hooks, LoopConfig, MetricsLog, train_stage
 from cfebm.redact import public, redact_url
 from cfebm.sampling import draw
 from cfebm.search import tuned_sampler
@@ -121,7 +121,7 @@ class TrainStage:
     ray: RayOptions = field(default_factory=RayOptions)
     mlflow: tracking.TrackingOptions = field(default_factory=tracking.TrackingOptions)
     samples: SampleLogging = field(default_factory=SampleLogging)
-    debug: DivergenceInjection = field(default_factory=DivergenceInjection)
+    debug: FaultInjection = field(default_factory=FaultInjection)
     registered_model: str | None = None
     """MLflow registered model of the last stage (a new version per run; ``@latest`` names
     the newest); null: ``cfebm-<data source>``, e.g. cfebm-digits; "": not registered."""

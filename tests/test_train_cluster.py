@@ -176,13 +176,17 @@ def train_workers(cluster) -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def kill_a_worker(cluster, rng: random.Random, registered) -> int:
-    """SIGKILL one live train worker, chosen at random; returns the newest checkpoint step
-    that ``registered()`` lists just before the kill."""
+def kill_a_worker(cluster, rng: random.Random, registered) -> tuple[int, int]:
+    """SIGKILL one live train worker, chosen at random, and wait until Ray Train has
+    replaced every worker of that group; returns the newest checkpoint step that
+    ``registered()`` lists just before the kill and once the new workers are up (a later
+    checkpoint is the new workers' own: the next kill is a failure of its own)."""
     pids = wait_for(lambda: train_workers(cluster), 120, "live train workers")
     newest = max((step for _, step in registered()), default=0)
     os.kill(rng.choice(pids), signal.SIGKILL)
-    return newest
+    wait_for(lambda: set(train_workers(cluster)).isdisjoint(pids) and train_workers(cluster),
+             120, "the restarted train workers")  # fmt: skip
+    return newest, max((step for _, step in registered()), default=0)
 
 
 def redone_steps(losses, resumes) -> list[int]:
@@ -237,10 +241,12 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
     for name, url in storage.items():
         mlflow = {"tracking_uri": mlflow_server.url, "experiment": "cluster"}
         ray = {**train["ray"], "storage": url}
+        killed = name == "killed"  # paced so that five kills land before the stage ends
         roots[name] = project(
             tmp_path / name,
             pyramid,
-            **{**train, "ray": ray, "mlflow": mlflow if name == "killed" else {"enabled": False}},
+            **{**train, "ray": ray, "mlflow": mlflow if killed else {"enabled": False}},
+            debug={"checkpoint_delay_s": 0.5 if killed else 0.0},
         )
         save_checkpoint(
             stage0.model_state(), os.path.join(roots[name], "models", "stage0", "model.pt")
@@ -278,8 +284,8 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
         for _ in range(3):  # at random moments, each after progress since the last
             newest = max(wait_for(newer_than(newest), 300, "a new checkpoint", proc=driver))
             time.sleep(rng.uniform(0.0, 1.0))
-            newest = kill_a_worker(cluster, rng, registered)
-            kills.append(("worker", newest))
+            at_kill, newest = kill_a_worker(cluster, rng, registered)
+            kills.append(("worker", at_kill))
         # While a worker uploads its part of a checkpoint: that upload never arrives.
         proxy.hold(r"/checkpoint-step\d+/rank1\.pt$")
         assert proxy.caught.wait(300), "no checkpoint upload after the third kill"

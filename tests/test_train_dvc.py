@@ -85,7 +85,8 @@ def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dvc")
     # tests/params_smoke.yaml: train@0 60 steps, train@1 90 steps of 32 images
     params = smoke_params(
-        debug={"inject_divergence_at_step": INJECT_AT},  # a NaN step in each stage
+        # A NaN step in each stage; checkpoints paced so that the kill lands mid-stage.
+        debug={"inject_divergence_at_step": INJECT_AT, "checkpoint_delay_s": 0.5},
         data_storage_options={"token": PLANTED[0]},  # (the local filesystem ignores it)
     )
     root = make_project(tmp / "proj", params, stages=(*TRAINING_STAGES, "features", "evaluate"))

@@ -9,6 +9,12 @@ import uuid
 
 import pytest
 
+# The test processes (make test: -n 3) and the stages they start share the machine's cores:
+# one OpenMP thread each, unless a test sets its own. With two, every small parallel region
+# of a tiny training waits for its partner thread to be scheduled among dozens of busy
+# processes (a test that takes 0.5 s alone took 27 s in the suite).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 LONGEST = (
     "test_train_dvc.py",
     "test_train_cluster.py",

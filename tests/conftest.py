@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -14,6 +16,19 @@ import pytest
 # of a tiny training waits for its partner thread to be scheduled among dozens of busy
 # processes (a test that takes 0.5 s alone took 27 s in the suite).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile's kernel cache, one per setting of the CPU kernels (the slow kind is emulated
+# on a fast machine with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA): with one shared cache,
+# after suite runs capped at AVX2, a run without the cap aborted in a compiled energy (torch
+# 2.14.1, one thread both times); with a cache of its own it passed.
+_KERNELS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"torchinductor_{getpass.getuser()}",
+        "cfebm-" + "-".join(os.environ.get(k, "default").lower() for k in _KERNELS),
+    ),
+)
 
 LONGEST = (
     "test_train_dvc.py",

@@ -86,9 +86,15 @@ def searched(tmp_path_factory):
 
     def third_trial_mid_way():
         """The third trial has scored twice and the experiment's saved state lists the first
-        two as finished (what a restore reads; under load it can lag the log)."""
+        two as finished (what a restore reads; under load it can lag the log), with the
+        searcher's state saved with it (a restore whose searcher state is older than its
+        trials made the first trial again, with an empty config)."""
         with open(first_log) as f:
-            return third.search(f.read()) and finished_in_saved_state(root) >= 2
+            return (
+                third.search(f.read())
+                and finished_in_saved_state(root) >= 2
+                and searcher_state_current(root)
+            )
 
     try:
         wait_for(third_trial_mid_way, 240, "the third trial's second score", proc=first)
@@ -98,6 +104,18 @@ def searched(tmp_path_factory):
         first_out = f.read()
     second = run(cmd, root, timeout=300, **renv)
     return root, first_out, second.stdout + second.stderr
+
+
+def searcher_state_current(root) -> bool:
+    """Whether the search algorithm's saved state is no older than the experiment's."""
+    newest = [sorted(root.glob(f"runs/tune/*/{kind}-*.json")) for kind in STATE_FILES]
+    if not all(newest):
+        return False
+    searcher, experiment = (files[-1].stat().st_mtime for files in newest)
+    return searcher >= experiment
+
+
+STATE_FILES = ("basic-variant-state", "experiment_state")
 
 
 def finished_in_saved_state(root) -> int:

@@ -141,10 +141,14 @@ class FaultInjection:
 
     def hooks(self) -> list[Hooks]:
         """The hooks these settings ask for, to run after the stage's own."""
-        at, out = self.inject_divergence_at_step, []
-        if at is not None:
-            out.append(InjectDivergence(at, self.inject_divergence_times))
-        return out + [SlowCheckpoints(self.checkpoint_delay_s)] * (self.checkpoint_delay_s > 0)
+        out: list[Hooks] = []
+        if self.inject_divergence_at_step is not None:
+            out.append(
+                InjectDivergence(self.inject_divergence_at_step, self.inject_divergence_times)
+            )
+        if self.checkpoint_delay_s > 0:
+            out.append(SlowCheckpoints(self.checkpoint_delay_s))
+        return out
 
 
 @dataclass

@@ -6,12 +6,13 @@ trials of ``pipelines`` are adapters over these that add a cluster, reports and 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import io as cio
 from .checkpoint import save_checkpoint
-from .config import CFEBMConfig, ConfigError, ScoreConfig
+from .config import CFEBMConfig, ConfigError, SamplerConfig, ScoreConfig
 from .data import PyramidStore
 from .data.store import dataset_key, worker_images
 from .images import stage_pictures
@@ -24,6 +25,9 @@ from .trainer import (
     stage_metrics,
     stage_trainer,
 )
+
+if TYPE_CHECKING:
+    from .evaluate import ScoreHook
 
 
 def check_stage(
@@ -71,7 +75,7 @@ def stage_worker(
     previous: dict | None = None,
     state: dict | None = None,
     **kw,
-) -> tuple[Trainer, object, str]:
+) -> tuple[Trainer, ScoreHook | None, str]:
     """(the trainer of worker ``rank`` of ``world`` for ``stage``: its data shard, resumed
     from ``state`` or warm-started from ``previous``; the ScoreHook of ``score`` against the
     training data, or None; a line saying what data it got). ``weights``: the extractor's
@@ -113,17 +117,21 @@ def write_stage_outputs(
     model_ckpt: dict,
     summary: dict,
     history: dict,
-    paths: tuple[str, str, str],
-    pictures: tuple,
+    *,
+    model_path: str,
+    metrics_path: str,
+    plots: str,
+    sampler: SamplerConfig,
+    count: int,
+    seed: int,
 ) -> tuple[dict, dict[str, bytes]]:
-    """Write a finished stage's files: its model file, metrics and plots (``paths``: the
-    model file, the metrics JSON, the plots folder), and its pictures ``<plots>/images/
-    stage<s>/{samples,chain}.png`` (``pictures``: the sampler, count and seed of
-    :func:`cfebm.images.stage_pictures`); return (the metrics, the pictures)."""
-    model_path, metrics_path, plots = paths
+    """Write a finished stage's files: its model file, its metrics JSON, its plots
+    (:func:`write_plots`) and its pictures ``<plots>/images/stage<s>/{samples,chain}.png``
+    (``count`` samples drawn with ``sampler`` and ``seed``: :func:`cfebm.images.
+    stage_pictures`); return (the metrics, the pictures)."""
     stage = int(model_ckpt["stage"])
     save_checkpoint(model_ckpt, model_path)
-    pngs = stage_pictures(model_from_checkpoint(model_ckpt), *pictures)
+    pngs = stage_pictures(model_from_checkpoint(model_ckpt), sampler, count, seed)
     for name, png in pngs.items():
         cio.write_bytes(f"{plots}/images/stage{stage}/{name}", png)
     metrics = stage_metrics(model_ckpt, summary)

@@ -1,11 +1,9 @@
 """Ray plumbing for the training stages: join or start Ray, check where data and
 checkpoints live, and what the workers inherit.
 
-Multi-node rule: every path a worker reads or writes must be visible on every node. Local
-paths only are on one machine, so on a cluster of several nodes a local checkpoint storage
-is refused (checkpoints written on another node would be lost), unless
-``train.ray.shared_filesystem`` declares the path shared (NFS). A local dataset is
-copied once into the (remote) run storage instead, where every node can read it.
+Multi-node rule: every path a worker reads or writes must be visible on every node; a
+local run storage is refused and a local dataset copied into the run storage
+(:func:`cfebm.data.store.check_paths`, :func:`~cfebm.data.store.dataset_for_workers`).
 """
 
 from __future__ import annotations

@@ -300,9 +300,9 @@ def flush() -> None:
     thread, which waits up to a second for its queue: a second at every checkpoint.)"""
     from mlflow.exceptions import MlflowException
 
-    while _QUEUED:
+    while _QUEUED:  # (in any order: all of them are waited for)
         with contextlib.suppress(MlflowException):  # a failed batch: MLflow has said so
-            _QUEUED.pop(0).wait()
+            _QUEUED.pop().wait()
 
 
 def log_png(c, run_id: str, png: bytes, artifact_file: str | None = None, key=None, step=0):

@@ -181,8 +181,7 @@ def selection_features(opts: TrainStage, stage: int) -> bytes | None:
     Inception); missing weights are a :class:`ConfigError` naming them, before Ray starts."""
     if stage != opts.model.num_stages - 1 or opts.selection.every_images <= 0:
         return None
-    where = "train.selection (set every_images: 0 for none)"
-    return score_weights(opts.selection, where)
+    return score_weights(opts.selection, "train.selection (set every_images: 0 for none)")
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -274,10 +273,17 @@ def run_stage(opts: TrainStage, stage: int, echo=_cli.say) -> dict:
         clock["fitted"] = time.time()
         with result.checkpoint.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, TRAINER_FILE))
-        paths = (opts.model_path(stage), f"{opts.metrics}/train-stage{stage}.json", opts.plots)
-        pictures = (opts.config().sampler, opts.samples.count, opts.optim.seed + 2024)
-        model_ckpt, history = model_file(ckpt, cfg), ckpt.get("history") or {}
-        metrics, pngs = write_stage_outputs(model_ckpt, summary, history, paths, pictures)
+        metrics, pngs = write_stage_outputs(
+            model_file(ckpt, cfg),
+            summary,
+            ckpt.get("history") or {},
+            model_path=opts.model_path(stage),
+            metrics_path=f"{opts.metrics}/train-stage{stage}.json",
+            plots=opts.plots,
+            sampler=opts.config().sampler,
+            count=opts.samples.count,
+            seed=opts.optim.seed + 2024,
+        )
         clock["end"] = time.time()
         ids = {"ray_run": redact_url(run_url), "mlflow_run_id": track.run_id if track else None}
         info = run_record(summary, clock, **ids)

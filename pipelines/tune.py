@@ -389,13 +389,12 @@ def run_tune(p: TuneStage, cfg: CFEBMConfig, echo=_cli.say) -> dict:
         "previous": previous,
         "features": features,
         "experiment": name,
-        "tune_run_id": None,
     }
     params, tags = {"tune": public(p)}, {"cfebm.stage": "tune"}
     with tracking.stage_run(p.mlflow, f"tune-stage{p.stage}", name, params, tags) as track:
         if track:
-            job.update(tracking_uri=track.uri, experiment_id=track.experiment_id)
-            job["tune_run_id"] = track.run_id
+            ids = {"experiment_id": track.experiment_id, "tune_run_id": track.run_id}
+            job.update(tracking_uri=track.uri, **ids)
             echo(f"tune: MLflow {track.uri} run {track.run_id}" + " (continued)" * track.continued)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, job=job), {"cpu": p.ray.cpus_per_trial}

@@ -19,10 +19,12 @@ from cfebm.checkpoint import (
 )
 from cfebm.config import CFEBMConfig, ConfigError, ModelConfig, SamplerConfig, TrainConfig
 from cfebm.loop import (
+    FaultInjection,
     FileCheckpoints,
     Hooks,
     InjectDivergence,
     LoopConfig,
+    MetricsLog,
     fit,
     resume_from_file,
     train_stage,
@@ -155,6 +157,34 @@ def test_injected_divergence_rolls_back_lowers_lr_and_finishes():
     )
     assert rec.checkpoints[-1][1]["state"]["rollbacks"] == 1  # a resume keeps counting
     assert [e for e, _ in rec.events].count("rollback") == 1
+
+
+def test_fault_settings_give_their_hooks_and_metrics_log_sees_every_step_and_event(
+    monkeypatch,
+):
+    import cfebm.loop as loop_module
+
+    assert FaultInjection().hooks() == []  # the defaults: nothing injected, no pacing
+    slept = []
+    monkeypatch.setattr(loop_module.time, "sleep", slept.append)
+
+    class Logged(MetricsLog):
+        def __init__(self):
+            self.rows = []
+
+        def log(self, step, values):
+            self.rows.append((step, values))
+
+    trainer, logged = Trainer(tiny_cfg(images={4: 96}), pyramid()), Logged()
+    faults = FaultInjection(inject_divergence_at_step=6, checkpoint_delay_s=0.25)
+    summary = train_stage(trainer, LoopConfig(checkpoint_every=4), [logged, *faults.hooks()])
+    assert summary.status == "completed" and summary.rollbacks == 1
+    assert slept == [0.25] * 3  # after each checkpoint (steps 4, 8, 12)
+    losses = [step for step, values in logged.rows if "loss" in values]
+    # the NaN batch comes after step 6; the rollback to step 4's checkpoint replays 5 and 6
+    assert losses == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]
+    (rollback,) = [values for _, values in logged.rows if "rollbacks" in values]
+    assert rollback["rollbacks"] == 1 and rollback["lr"] == pytest.approx(summary.lr)
 
 
 def test_divergence_past_the_limit_stops_with_a_clear_error():

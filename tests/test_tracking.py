@@ -185,3 +185,19 @@ def test_cli_csv_has_one_row_per_run(store, capsys):
     with pytest.raises(SystemExit) as missing:
         compare_main(["--tracking_uri", store, "--experiment", "no"])
     assert "no MLflow experiment 'no'" in str(missing.value.code)
+
+
+def test_flush_waits_until_every_queued_metric_is_stored(tmp_path):
+    """What a checkpoint relies on (a killed worker loses nothing logged before it): after
+    flush, another client of the store reads every step queued asynchronously."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    run_id = c.create_run(tracking.experiment_id(c, "flush", uri)).info.run_id
+    for step in range(1, 101):
+        tracking.log_metrics(c, run_id, step, {"loss": -step, "skipped": None})
+    tracking.flush()
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, -s) for s in range(1, 101)]
+    assert not MlflowClient(uri).get_metric_history(run_id, "skipped")  # None: not logged

@@ -184,8 +184,12 @@ def kill_a_worker(cluster, rng: random.Random, registered) -> tuple[int, int]:
     pids = wait_for(lambda: train_workers(cluster), 120, "live train workers")
     newest = max((step for _, step in registered()), default=0)
     os.kill(rng.choice(pids), signal.SIGKILL)
-    wait_for(lambda: set(train_workers(cluster)).isdisjoint(pids) and train_workers(cluster),
-             120, "the restarted train workers")  # fmt: skip
+
+    def restarted() -> bool:
+        now = train_workers(cluster)
+        return bool(now) and set(now).isdisjoint(pids)
+
+    wait_for(restarted, 120, "the restarted train workers")
     return newest, max((step for _, step in registered()), default=0)
 
 

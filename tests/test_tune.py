@@ -106,6 +106,9 @@ def searched(tmp_path_factory):
     return root, first_out, second.stdout + second.stderr
 
 
+STATE_FILES = ("basic-variant-state", "experiment_state")
+
+
 def searcher_state_current(root) -> bool:
     """Whether the search algorithm's saved state is no older than the experiment's."""
     newest = [sorted(root.glob(f"runs/tune/*/{kind}-*.json")) for kind in STATE_FILES]
@@ -113,9 +116,6 @@ def searcher_state_current(root) -> bool:
         return False
     searcher, experiment = (files[-1].stat().st_mtime for files in newest)
     return searcher >= experiment
-
-
-STATE_FILES = ("basic-variant-state", "experiment_state")
 
 
 def finished_in_saved_state(root) -> int:

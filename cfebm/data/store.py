@@ -315,7 +315,8 @@ class ClusterStorageError(ValueError):
 
 def check_paths(nodes: int, paths: dict[str, str], shared_filesystem: bool) -> None:
     """Refuse local ``paths`` (name -> URL) when the job's workers run on several nodes
-    (machines): what a worker writes there no other node would find."""
+    (machines), unless ``shared_filesystem`` says that every node mounts them (NFS): what a
+    worker writes to a local path no other node would find."""
     if nodes <= 1 or shared_filesystem:
         return
     local = {name: url for name, url in paths.items() if cio.is_local(url)}

@@ -344,13 +344,15 @@ class RayHooks(MetricsLog):
     def checkpoint(self, t: Trainer, info: dict) -> None:
         import ray.train
 
+        # Every step so far is stored before Ray registers the checkpoint: a kill after
+        # that resumes from it, and steps still queued in this process were lost for good.
+        if self.client is not None:
+            tracking.flush()
         with cio.report_dir("ckpt") as d:
             save_worker_checkpoint(d, t.state_dict(), self.rank, self.world)
             metrics = {k: v for k, v in info.items() if k != "name"}
             ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=info["name"])
-        if self.client is not None:
-            tracking.flush()
 
 
 def train_loop_per_worker(job: dict) -> dict:

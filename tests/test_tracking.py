@@ -201,3 +201,36 @@ def test_flush_waits_until_every_queued_metric_is_stored(tmp_path):
     history = MlflowClient(uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, -s) for s in range(1, 101)]
     assert not MlflowClient(uri).get_metric_history(run_id, "skipped")  # None: not logged
+
+
+def test_a_checkpoint_is_registered_only_after_its_steps_are_stored(tmp_path, monkeypatch):
+    """A worker killed right after Ray registers a checkpoint resumes from that step, so
+    the steps it logged before must already be in the store (the train stage's checkpoint
+    hook; Ray's report is replaced by a probe that reads the store as Ray would register)."""
+    import ray.train
+    import torch
+    from mlflow import MlflowClient
+    from train_fixtures import smoke_params
+
+    from cfebm.config import from_dict
+    from cfebm.trainer import Trainer
+    from pipelines.train import RayHooks, TrainStage
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    run_id = c.create_run(tracking.experiment_id(c, "ckpt", uri)).info.run_id
+    params = smoke_params()["train"]
+    cfg = from_dict({"model": params["model"], "sampler": params["sampler"]})
+    trainer = Trainer(cfg, {4: torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)})
+    hooks = RayHooks({"options": TrainStage(), "run_id": run_id, "tracking_uri": uri}, 0, 1)
+    seen = []
+
+    def report(metrics, checkpoint, checkpoint_dir_name):
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        seen.append((checkpoint_dir_name, sorted(m.step for m in history), len(tracking._QUEUED)))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    for step in range(1, 21):
+        hooks.log(step, {"loss": -step})
+    hooks.checkpoint(trainer, {"name": "checkpoint-step0000020", "step": 20})
+    assert seen == [("checkpoint-step0000020", list(range(1, 21)), 0)]

@@ -188,7 +188,8 @@ def train_dry_run(root: str) -> dict:
 
 class HoldingProxy:
     """An HTTP proxy in front of an S3 endpoint that passes every request through, except
-    that, once :meth:`hold` is armed, it stops the first PUT whose path matches: the request
+    that, once :meth:`hold` is armed, it stops the first PUT whose path matches (from one
+    process, if it names one): the request
     never reaches the store, :attr:`caught` is set while it waits, and after :meth:`drop` its
     connection is closed. A test kills the uploading process (:meth:`holder`) while its
     checkpoint upload is in flight: killing another worker would let the held client retry,
@@ -201,6 +202,7 @@ class HoldingProxy:
 
         self.upstream = urllib.parse.urlsplit(upstream)
         self.pattern: re.Pattern | None = None
+        self.pid: int | None = None
         self.caught, self.dropped = threading.Event(), threading.Event()
         self.held: str | None = None
         self.held_from: tuple[str, int] | None = None
@@ -229,9 +231,9 @@ class HoldingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def hold(self, pattern: str) -> None:
+    def hold(self, pattern: str, pid: int | None = None) -> None:
         with self.lock:
-            self.pattern, self.held = re.compile(pattern), None
+            self.pattern, self.pid, self.held = re.compile(pattern), pid, None
             self.caught.clear()
             self.dropped.clear()
 
@@ -239,20 +241,29 @@ class HoldingProxy:
         with self.lock:
             if self.pattern is None or not self.pattern.search(path):
                 return False
+            if self.pid is not None and self._pid_of(client) != self.pid:
+                return False
             self.pattern, self.held, self.held_from = None, path, client
         self.caught.set()
         return True
 
     def holder(self) -> int:
-        """PID of the process whose held request waits on this proxy (the local end of
+        """PID of the process whose held request waits on this proxy."""
+        pid = self._pid_of(self.held_from)
+        if pid is None:
+            raise LookupError(f"no process holds the connection from {self.held_from}")
+        return pid
+
+    def _pid_of(self, client: tuple[str, int]) -> int | None:
+        """The process at the client end of a connection to this proxy (the local end of
         its connection is the client address that the proxy saw)."""
         import psutil
 
         port = self.server.server_address[1]
         for c in psutil.net_connections(kind="tcp"):
-            if c.pid and c.laddr == self.held_from and c.raddr and c.raddr.port == port:
+            if c.pid and c.laddr == client and c.raddr and c.raddr.port == port:
                 return c.pid
-        raise LookupError(f"no process holds the connection from {self.held_from}")
+        return None
 
     def drop(self) -> None:
         self.dropped.set()

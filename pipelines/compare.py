@@ -48,10 +48,14 @@ def load_pipelines(opts: CompareOptions):
     id: name, start, status, stages, parameters (``params.<name>``), scores, tune best and
     train seconds, gathered from the stage runs oldest first (a stage that ran twice in a
     pipeline run counts with its last run)."""
+    uri = tracking.resolve_tracking_uri(opts.tracking_uri)
+    with tracking.fluent_uri(uri):
+        return _load_pipelines(opts, uri)
+
+
+def _load_pipelines(opts: CompareOptions, uri: str):
     import mlflow
 
-    uri = tracking.resolve_tracking_uri(opts.tracking_uri)
-    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(opts.experiment) is None:
         raise ConfigError(
             f"no MLflow experiment {opts.experiment!r} in {uri}: run the pipeline first"

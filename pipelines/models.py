@@ -75,11 +75,11 @@ def local_model(uri: str) -> str:
         return uri
     import mlflow
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import fluent_uri, resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri())
     try:
-        path = mlflow.artifacts.download_artifacts(uri)
+        with fluent_uri(resolve_tracking_uri()):
+            path = mlflow.artifacts.download_artifacts(uri)
     except Exception as e:
         raise ConfigError(
             f"cannot fetch the model {uri} from MLflow: {str(e).splitlines()[0]}"

@@ -16,6 +16,7 @@ import torch
 
 from cfebm.checkpoint import load_checkpoint
 from cfebm.trainer import model_from_checkpoint
+from pipelines import tracking
 
 
 class EnergyModel(mlflow.pyfunc.PythonModel):
@@ -67,14 +68,13 @@ def log_model(run_id: str, tracking_uri: str, model_path: str, registered_name: 
         inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, cfg["channels"], r, r), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "energy")]),
     )
-    mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     # The fluent run context ends the run (FINISHED): this is the stage's last MLflow step.
     import cfebm
     import pipelines
 
     code = [os.path.dirname(cfebm.__file__), os.path.dirname(pipelines.__file__)]
-    with mlflow.start_run(run_id=run_id):
+    with tracking.fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=EnergyModel(),

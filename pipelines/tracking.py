@@ -122,6 +122,22 @@ def invocation_key() -> str | None:
     return _dvc_process_key()
 
 
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """MLflow's fluent API on ``uri`` inside, as before afterwards (``set_tracking_uri``
+    exports MLFLOW_TRACKING_URI, which later subprocesses of this process would inherit)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # (unsets the variable too)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 

@@ -164,6 +164,20 @@ def test_table_shows_what_differs_scores_per_stage_and_training_time(store):
     assert rows["stages"] == ["tune, train@0, train@1, evaluate"] * 2
 
 
+def test_compare_leaves_the_processs_tracking_uri_as_it_was(store, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: after compare in one process
+    (this test's worker), the next stage it started logged into compare's store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    compare(CompareOptions(tracking_uri=store))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    compare(CompareOptions(tracking_uri=store))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+    assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"
+
+
 def test_last_limits_and_show_forces_parameters(store):
     rows = load_pipelines(CompareOptions(tracking_uri=store, last=5))
     newest = load_pipelines(CompareOptions(tracking_uri=store, last=1))

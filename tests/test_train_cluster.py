@@ -164,16 +164,15 @@ def test_local_storage_is_refused_on_two_nodes(cluster, pyramid, tmp_path):
     assert not os.path.exists(os.path.join(root, "models"))
 
 
-def train_workers(cluster) -> list[int]:
+def train_workers(cluster, node=None) -> list[int]:
     """PIDs of the live Ray Train workers of this cluster (its state API: other tests'
-    clusters on the machine have workers of the same name)."""
+    clusters on the machine have workers of the same name), or of its ``node`` alone."""
     from ray.util.state import list_actors
 
-    actors = list_actors(
-        address=cluster.address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        raise_on_missing_output=False,
-    )
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    if node is not None:
+        filters.append(("node_id", "=", node.node_id))
+    actors = list_actors(address=cluster.address, filters=filters, raise_on_missing_output=False)
     return [a.pid for a in actors if a.pid]
 
 
@@ -192,22 +191,6 @@ def kill_a_worker(cluster, rng: random.Random, registered) -> tuple[int, int]:
 
     wait_for(restarted, 120, "the restarted train workers")
     return newest, max((step for _, step in registered()), default=0)
-
-
-def worker_on(cluster, node) -> list[int]:
-    """PIDs of the live train workers on ``node``."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=cluster.address,
-        filters=[
-            ("class_name", "=", "RayTrainWorker"),
-            ("state", "=", "ALIVE"),
-            ("node_id", "=", node.node_id),
-        ],
-        raise_on_missing_output=False,
-    )
-    return [a.pid for a in actors if a.pid]
 
 
 def redone_steps(losses, resumes) -> list[int]:
@@ -310,7 +293,7 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
         # The second node is lost while its worker uploads its part of a checkpoint: that
         # upload never arrives, and the run ends on the surviving node.
         (node,) = cluster.worker_nodes
-        (uploader,) = wait_for(lambda: worker_on(cluster, node), 120, "its train worker")
+        (uploader,) = wait_for(lambda: train_workers(cluster, node), 120, "its train worker")
         proxy.hold(r"/checkpoint-step\d+/rank\d+\.pt$", pid=uploader)
         assert proxy.caught.wait(300), "no checkpoint upload after the third kill"
         held = int(re.search(r"checkpoint-step(\d+)", proxy.held).group(1))

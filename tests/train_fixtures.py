@@ -188,12 +188,12 @@ def train_dry_run(root: str) -> dict:
 
 class HoldingProxy:
     """An HTTP proxy in front of an S3 endpoint that passes every request through, except
-    that, once :meth:`hold` is armed, it stops the first PUT whose path matches (from one
-    process, if it names one): the request
-    never reaches the store, :attr:`caught` is set while it waits, and after :meth:`drop` its
-    connection is closed. A test kills the uploading process (:meth:`holder`) while its
-    checkpoint upload is in flight: killing another worker would let the held client retry,
-    and the upload would arrive after all."""
+    that, once :meth:`hold` is armed, it stops the first PUT whose path matches (and, if
+    :meth:`hold` names a process, that comes from it): the request never reaches the store,
+    :attr:`caught` is set while it waits, and after :meth:`drop` its connection is closed.
+    A test kills the uploading process (:meth:`holder`) while its checkpoint upload is in
+    flight: killing another worker would let the held client retry, and the upload would
+    arrive after all."""
 
     def __init__(self, upstream: str):
         import http.server

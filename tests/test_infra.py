@@ -331,6 +331,21 @@ def test_a_preset_over_the_smoke_settings_is_merged_as_make_run_merges_it(tmp_pa
     assert resolved["model"]["resolutions"] == [8, 16, 32]
 
 
+def test_the_end_to_end_job_trains_the_presets_first_two_stages(tmp_path):
+    """The command of the end-to-end test below, in a stub project: two stages, the
+    preset's settings for them, and stage 0 accepts what results."""
+    cmd = shlex.join([*SMOKE_JOB[:-1], "--set", "prepare.url=s3://b/cifar.tar.gz"])
+    root, params, calls = run_in_stub(cmd, tmp_path)
+    preset = load(os.path.join(REPO, "presets", "cifar10-smoke.yaml"))
+    assert params["train"]["model"]["resolutions"] == SMOKE_JOB_RESOLUTIONS
+    assert params["train"]["stages"] == preset["train"]["stages"][:2]
+    for key in ("batch_size", "lr", "images"):
+        assert params["train"]["optim"][key] == preset["train"]["optim"][key], key
+    assert params["prepare"]["source"] == "cifar10" and params["prepare"]["resolution"] == 32
+    resolved = train_dry_run(root)
+    assert resolved["model"]["resolutions"] == SMOKE_JOB_RESOLUTIONS
+
+
 def test_run_pipeline_refuses_to_edit_a_git_checkout(tmp_path):
     root, path, _ = stub_project(tmp_path)
     os.mkdir(os.path.join(root, ".git"))
@@ -518,6 +533,21 @@ def print_logs(state: str) -> None:
             print(f"===== {name}\n{''.join(f.readlines()[-60:])}")
 
 
+SMOKE_JOB_RESOLUTIONS = [8, 16]
+SMOKE_JOB = [
+    "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
+    "--set", "train.ray.resources_per_worker={CPU: 1}",
+    # The preset's first two stages (of three): the second is then the last, selected by FID
+    # and registered as the third would be; a third would take the second's path again at
+    # four times the pixels.
+    "--set", f"train.model.resolutions={SMOKE_JOB_RESOLUTIONS}",
+    "--set", "train.stages=[{stage: 0, after: models/features.pt}, "
+    "{stage: 1, after: models/stage0/model.pt}]",
+    "train",
+]  # fmt: skip
+"""The job that the end-to-end test submits (its CIFAR archive's URL added)."""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
@@ -544,11 +574,7 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
 
         cluster_env = read_env(os.path.join(state, "env"))
         archive = upload_cifar_archive(cluster_env)
-        command = [
-            "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
-            "--set", f"prepare.url={archive}", "--set", "train.ray.resources_per_worker={CPU: 1}",
-            "train",
-        ]  # fmt: skip
+        command = [*SMOKE_JOB[:-1], "--set", f"prepare.url={archive}", SMOKE_JOB[-1]]
         submit = subprocess.run(
             [os.path.join(INFRA, "local", "submit.sh"), "--", *command], cwd=REPO, env=env,
             capture_output=True, text=True, timeout=900,
@@ -560,9 +586,9 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
         assert "succeeded" in log
         # Two training workers, one per Ray node, both reading their shards from S3.
         assert "[rank 0/2]" in log and "[rank 1/2]" in log
-        assert "images at 32x32" in log
+        assert "images at 16x16" in log
 
-        check_outputs(cluster_env, stages=3)
+        check_outputs(cluster_env, SMOKE_JOB_RESOLUTIONS)
         print(f"timings: up {t_up:.0f}s, smoke pipeline {t_job:.0f}s")
     except BaseException:
         print_logs(state)
@@ -611,8 +637,9 @@ def upload_cifar_archive(cluster_env: dict[str, str]) -> str:
     return url
 
 
-def check_outputs(cluster_env: dict[str, str], stages: int) -> None:
-    """Everything the run produced is on the cluster's S3 and tracking server."""
+def check_outputs(cluster_env: dict[str, str], resolutions: list[int]) -> None:
+    """Everything the run produced (stages at ``resolutions``) is on the cluster's S3 and
+    tracking server."""
     import s3fs
     from mlflow import MlflowClient
 
@@ -628,7 +655,7 @@ def check_outputs(cluster_env: dict[str, str], stages: int) -> None:
     # Ray Train checkpoints of both stages.
     runs = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{storage}/checkpoints"))
     trained = [r.split("-")[0] for r in runs if r.startswith("stage")]
-    assert trained == [f"stage{s}" for s in range(stages)], runs
+    assert trained == [f"stage{s}" for s in range(len(resolutions))], runs
     for r in (r for r in runs if r.startswith("stage")):
         assert any("checkpoint" in p for p in fs.ls(f"{storage}/checkpoints/{r}")), r
     # MLflow: the server answers, the stage runs finished, their artifacts are on S3.
@@ -636,10 +663,11 @@ def check_outputs(cluster_env: dict[str, str], stages: int) -> None:
     experiment = client.get_experiment_by_name("cfebm")
     found = client.search_runs([experiment.experiment_id])
     names = {r.info.run_name: r.info.status for r in found}
-    assert {"stage0-8x8", "stage1-16x16", "stage2-32x32"} <= set(names), names
+    stage_runs = [f"stage{s}-{r}x{r}" for s, r in enumerate(resolutions)]
+    assert set(stage_runs) <= set(names), names
     # The last stage scored by FID in the features stage's space (at least twice: its curve
     # against steps), and the registered model.
-    (last,) = (r for r in found if r.info.run_name == "stage2-32x32")
+    (last,) = (r for r in found if r.info.run_name == stage_runs[-1])
     assert len(client.get_metric_history(last.info.run_id, "fid_cfebm-cifar10-cnn")) >= 2
     assert client.get_model_version_by_alias("cfebm-cifar10", "latest")
     assert all(status == "FINISHED" for status in names.values()), names

@@ -16,6 +16,10 @@ import pytest
 # of a tiny training waits for its partner thread to be scheduled among dozens of busy
 # processes (a test that takes 0.5 s alone took 27 s in the suite).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile's kernels built in the test process, not by a pool of compile workers: each
+# worker imports torch first, and with every core busy the pool only adds that work (the
+# compiled-chain test from a cold cache: 46 CPU-s with the pool, 36 without, on 2 cores).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # torch.compile's kernel cache, one per setting of the CPU kernels (the slow kind is emulated
 # on a fast machine with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA): with one shared cache,
 # after suite runs capped at AVX2, a run without the cap aborted in a compiled energy (torch

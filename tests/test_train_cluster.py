@@ -32,7 +32,6 @@ from train_fixtures import (
     kill_group,
     make_project,
     ray_tmpdir,
-    run,
     smoke_params,
     start,
     wait_for,
@@ -145,19 +144,29 @@ def pyramid(tmp_path_factory) -> str:
     return str(root / "pyramid")
 
 
-def test_local_storage_is_refused_on_two_nodes(cluster, pyramid, tmp_path):
-    """Through the stage's main() in this process (a driver of its own would only add the
-    start-up time of torch and Ray): the refusal is a one-line error before any work."""
+def train_here(root: str, stage: int) -> None:
+    """``python -m pipelines.train --stage <stage>`` in project ``root``, through the
+    stage's main() in this process (a driver of its own would only add the start-up time of
+    torch and Ray); the environment that the stage sets for Ray Train is restored after."""
     import ray
 
     from pipelines import train
 
-    root = project(tmp_path, pyramid, ray={"storage": "runs/ray", "address": cluster.address})
+    saved = dict(os.environ)
     try:
-        with contextlib.chdir(root), pytest.raises(SystemExit) as e:
-            train.main(["--params", "params.yaml", "--stage", "0"])
+        with contextlib.chdir(root):
+            train.main(["--params", "params.yaml", "--stage", str(stage)])
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_local_storage_is_refused_on_two_nodes(cluster, pyramid, tmp_path):
+    """The refusal is a one-line error before any work."""
+    root = project(tmp_path, pyramid, ray={"storage": "runs/ray", "address": cluster.address})
+    with pytest.raises(SystemExit) as e:
+        train_here(root, 0)
     message = str(e.value.code)
     assert message.startswith("train: error: ")
     assert "2 nodes but train.ray.storage" in message and "local path" in message
@@ -255,11 +264,11 @@ def test_a_stage_survives_repeated_kills_and_losing_a_node(
         save_checkpoint(
             stage0.model_state(), os.path.join(roots[name], "models", "stage0", "model.pt")
         )
-    cmd = ["python", "-m", "pipelines.train", "--stage", "1"]
     t0 = time.monotonic()
-    run(cmd, roots["reference"], RAY_ADDRESS=cluster.address)  # uninterrupted
+    train_here(roots["reference"], 1)  # on the cluster (RAY_ADDRESS), uninterrupted
     t_reference = time.monotonic() - t0
 
+    cmd = ["python", "-m", "pipelines.train", "--stage", "1"]
     proxy = HoldingProxy(os.environ["AWS_ENDPOINT_URL"])  # the S3 that the workers see
     log = str(tmp_path / "driver.log")
     root = roots["killed"]

@@ -91,7 +91,8 @@ browser:
 
 # The suite waits on services more than it computes (Ray start-up, servers, polling), so
 # three pytest workers share the two cores; each test file stays on one worker
-# (module-scoped runs are made once), the slow end-to-end files first (tests/conftest.py).
+# (module-scoped runs are made once); pytest-xdist hands out the files with the most tests
+# first, which spreads the end-to-end files over the run (see tests/conftest.py).
 PYTEST_WORKERS ?= 3
 test: $(STAMP) browser
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -46,8 +46,11 @@ LONGEST = (
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, then the other files with slow (end-to-end) tests, then the
-    rest, each file's tests in their order: with ``-n N --dist loadfile`` (``make test``)
-    the long files start at once on their own workers and the quick ones fill the gaps."""
+    rest, each file's tests in their order. That is the order of a run without xdist; with
+    ``-n N --dist loadfile`` (``make test``) pytest-xdist hands out the files with the most
+    tests first, and this order only breaks ties. That keeps the end-to-end files (few tests
+    each) apart, which is faster: with ``--no-loadscope-reorder`` the three longest started
+    together and each took 2-2.4x as long (suite 679 s against 642 s on 2 AMD EPYC cores)."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:

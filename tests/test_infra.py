@@ -314,36 +314,47 @@ def test_submit_default_is_the_smoke_pipeline_on_cluster_storage(tmp_path):
     train_dry_run(root)
 
 
-def test_a_preset_over_the_smoke_settings_is_merged_as_make_run_merges_it(tmp_path):
-    cmd = (
-        "bash infra/run_pipeline.sh --smoke --overlay presets/cifar10-smoke.yaml "
-        "--set prepare.url=s3://b/cifar.tar.gz --set 'train.ray.resources_per_worker={CPU: 1}'"
-    )
+CIFAR_SMOKE = os.path.join(REPO, "presets", "cifar10-smoke.yaml")
+E2E_STAGES = 2
+"""Stages of the preset that the end-to-end test trains (below)."""
+
+
+def cifar_smoke_job(archive: str, stages: int | None = None) -> list[str]:
+    """``infra/run_pipeline.sh`` for the cifar10-smoke preset over the smoke settings, its
+    CIFAR-10 archive at ``archive``, one CPU per worker; with ``stages``, the preset's first
+    ``stages`` stages alone (the last of them is then selected by FID and registered, as the
+    preset's last stage is)."""
+    cmd = [
+        "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
+        "--set", f"prepare.url={archive}", "--set", "train.ray.resources_per_worker={CPU: 1}",
+    ]  # fmt: skip
+    if stages is not None:
+        train = load(CIFAR_SMOKE)["train"]
+        first = {"model.resolutions": train["model"]["resolutions"], "stages": train["stages"]}
+        for key, value in first.items():
+            flow = yaml.safe_dump(value[:stages], default_flow_style=True).strip()
+            cmd += ["--set", f"train.{key}={flow}"]
+    return cmd
+
+
+@pytest.mark.parametrize("stages", [None, E2E_STAGES], ids=["whole", "end-to-end"])
+def test_a_preset_over_the_smoke_settings_is_merged_as_make_run_merges_it(tmp_path, stages):
+    """The preset over the smoke settings, whole and as the end-to-end test below runs it
+    (its first stages alone), in a stub project; stage 0 accepts what results."""
+    cmd = shlex.join(cifar_smoke_job("s3://b/cifar.tar.gz", stages))
     root, params, calls = run_in_stub(cmd, tmp_path)
-    preset = load(os.path.join(REPO, "presets", "cifar10-smoke.yaml"))
+    preset = load(CIFAR_SMOKE)
+    n = stages or len(preset["train"]["stages"])
     for key in ("batch_size", "lr", "images"):  # tables by resolution: the preset's, whole
         assert params["train"]["optim"][key] == preset["train"]["optim"][key], key
     assert params["train"]["ray"] | {"workers": 2} == params["train"]["ray"]
     assert params["train"]["ray"]["resources_per_worker"] == {"CPU": 1}
     assert params["prepare"]["url"] == "s3://b/cifar.tar.gz"
+    assert params["prepare"]["source"] == "cifar10" and params["prepare"]["resolution"] == 32
+    assert params["train"]["stages"] == preset["train"]["stages"][:n]
     assert calls == ["config --local core.no_scm true", "repro"]
     resolved = train_dry_run(root)
-    assert resolved["model"]["resolutions"] == [8, 16, 32]
-
-
-def test_the_end_to_end_job_trains_the_presets_first_two_stages(tmp_path):
-    """The command of the end-to-end test below, in a stub project: two stages, the
-    preset's settings for them, and stage 0 accepts what results."""
-    cmd = shlex.join([*SMOKE_JOB[:-1], "--set", "prepare.url=s3://b/cifar.tar.gz"])
-    root, params, calls = run_in_stub(cmd, tmp_path)
-    preset = load(os.path.join(REPO, "presets", "cifar10-smoke.yaml"))
-    assert params["train"]["model"]["resolutions"] == SMOKE_JOB_RESOLUTIONS
-    assert params["train"]["stages"] == preset["train"]["stages"][:2]
-    for key in ("batch_size", "lr", "images"):
-        assert params["train"]["optim"][key] == preset["train"]["optim"][key], key
-    assert params["prepare"]["source"] == "cifar10" and params["prepare"]["resolution"] == 32
-    resolved = train_dry_run(root)
-    assert resolved["model"]["resolutions"] == SMOKE_JOB_RESOLUTIONS
+    assert resolved["model"]["resolutions"] == [8, 16, 32][:n]
 
 
 def test_run_pipeline_refuses_to_edit_a_git_checkout(tmp_path):
@@ -533,21 +544,6 @@ def print_logs(state: str) -> None:
             print(f"===== {name}\n{''.join(f.readlines()[-60:])}")
 
 
-SMOKE_JOB_RESOLUTIONS = [8, 16]
-SMOKE_JOB = [
-    "bash", "infra/run_pipeline.sh", "--smoke", "--overlay", "presets/cifar10-smoke.yaml",
-    "--set", "train.ray.resources_per_worker={CPU: 1}",
-    # The preset's first two stages (of three): the second is then the last, selected by FID
-    # and registered as the third would be; a third would take the second's path again at
-    # four times the pixels.
-    "--set", f"train.model.resolutions={SMOKE_JOB_RESOLUTIONS}",
-    "--set", "train.stages=[{stage: 0, after: models/features.pt}, "
-    "{stage: 1, after: models/stage0/model.pt}]",
-    "train",
-]  # fmt: skip
-"""The job that the end-to-end test submits (its CIFAR archive's URL added)."""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
@@ -574,7 +570,10 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
 
         cluster_env = read_env(os.path.join(state, "env"))
         archive = upload_cifar_archive(cluster_env)
-        command = [*SMOKE_JOB[:-1], "--set", f"prepare.url={archive}", SMOKE_JOB[-1]]
+        # The preset's first two stages (of three): the second is then the last, scored by
+        # FID and registered as the third would be; a third would take the second's path
+        # again at four times the pixels.
+        command = [*cifar_smoke_job(archive, E2E_STAGES), "train"]
         submit = subprocess.run(
             [os.path.join(INFRA, "local", "submit.sh"), "--", *command], cwd=REPO, env=env,
             capture_output=True, text=True, timeout=900,
@@ -586,9 +585,10 @@ def test_local_cluster_runs_the_smoke_pipeline_end_to_end():
         assert "succeeded" in log
         # Two training workers, one per Ray node, both reading their shards from S3.
         assert "[rank 0/2]" in log and "[rank 1/2]" in log
-        assert "images at 16x16" in log
+        resolutions = load(CIFAR_SMOKE)["train"]["model"]["resolutions"][:E2E_STAGES]
+        assert f"images at {resolutions[-1]}x{resolutions[-1]}" in log
 
-        check_outputs(cluster_env, SMOKE_JOB_RESOLUTIONS)
+        check_outputs(cluster_env, resolutions)
         print(f"timings: up {t_up:.0f}s, smoke pipeline {t_job:.0f}s")
     except BaseException:
         print_logs(state)

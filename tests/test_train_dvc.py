@@ -253,7 +253,8 @@ def test_dvc_exp_run_temp_logs_to_the_project_store(killed_and_resumed, experime
     )
     data = exp_run["data"]
     assert data["params"]["params.yaml"]["data"]["evaluate"]["num_samples"] == 32
-    metrics = {k: v["data"] for k, v in data["metrics"].items()}
+    # (no metrics/evaluate-stage0.json: the coarser stage's evaluation never ran)
+    metrics = {k: v["data"] for k, v in data["metrics"].items() if "data" in v}
     assert metrics["metrics/evaluate-stage1.json"]["stage_1"]["num_samples"] == 32
     assert metrics["metrics/train-stage1.json"]["step"] == 90  # restored, not trained again
 

@@ -109,13 +109,20 @@ def searched(tmp_path_factory):
 STATE_FILES = ("basic-variant-state", "experiment_state")
 
 
+SAME_SAVE_S = 0.25
+"""Tune writes both state files in one save, then copies its staging folder into the
+experiment folder in no fixed order (seen: the searcher's file 2 ms before or after the
+experiment's). A stale searcher state is older by a whole save: here at least
+``report_delay_s`` (1 s), as Tune saves after every result."""
+
+
 def searcher_state_current(root) -> bool:
-    """Whether the search algorithm's saved state is no older than the experiment's."""
+    """Whether the search algorithm's saved state comes from the experiment's newest save."""
     newest = [sorted(root.glob(f"runs/tune/*/{kind}-*.json")) for kind in STATE_FILES]
     if not all(newest):
         return False
     searcher, experiment = (files[-1].stat().st_mtime for files in newest)
-    return searcher >= experiment
+    return searcher >= experiment - SAME_SAVE_S
 
 
 def finished_in_saved_state(root) -> int:
